@@ -301,19 +301,20 @@ def reference_fedspeed(
     return states(nets)
 
 
-def run_and_resume(tmp_path, module_factory, strategy_factory, total: int, at: int):
-    """Fit ``total`` steps uninterrupted; fit ``at`` steps with a checkpoint at step ``at``; resume
-    from it to ``total``. Returns (uninterrupted ranks, resumed ranks, checkpoint path)."""
+def run_and_resume(tmp_path, module_factory, strategy_factory, total: int, at: int, n: int = 2):
+    """On ``n`` ranks: fit ``total`` steps uninterrupted; fit ``at`` steps with a checkpoint at step
+    ``at``; resume from it to ``total``. Returns (uninterrupted ranks, resumed ranks, checkpoint path)."""
     import lightning as L
     from helpers import SaveFinal, fit_fork, load_ranks, trainer_kwargs
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    full = fit_fork(tmp_path / "full", module_factory(), strategy_factory(), max_steps=total)
+    full = fit_fork(tmp_path / "full", module_factory(), strategy_factory(), n=n, max_steps=total)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1, filename="mid")
     fit_fork(
         tmp_path / "first",
         module_factory(),
         strategy_factory(),
+        n=n,
         max_steps=at,
         callbacks=[ckpt],
         enable_checkpointing=True,
@@ -322,7 +323,7 @@ def run_and_resume(tmp_path, module_factory, strategy_factory, total: int, at: i
     trainer = L.Trainer(
         strategy=strategy_factory(),
         callbacks=[SaveFinal(tmp_path / "resumed")],
-        **trainer_kwargs(max_steps=total),
+        **trainer_kwargs(devices=n, max_steps=total),
     )
     trainer.fit(module_factory(), ckpt_path=str(path))
-    return full, load_ranks(tmp_path / "resumed", 2), path
+    return full, load_ranks(tmp_path / "resumed", n), path
