@@ -188,12 +188,15 @@ def reference_co2(
     optimizer: str = "sgd",
     final_sync: bool = True,
     members: list[list[int]] | None = None,
+    nan_at: tuple[int, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """CO2 with one round of staleness. At the end of round t the mean pseudo-gradient
     d_t = phi_t - mean_i theta_i is *sent*; the outer step uses d_{t-1} (sent a round earlier):
     m <- beta m + d_{t-1} / gap_penalty; m <- clamp(m, -clip, clip); phi <- phi - alpha m.
     Every replica restarts each round from phi. The end of training applies the pending d, then
-    the partial round's pseudo-gradient if steps were taken since."""
+    the partial round's pseudo-gradient if steps were taken since. With ``nan_at`` (replica, step)
+    that replica's weights become NaN after that step; the means are over the finite replicas, and
+    the restart from phi resets it."""
     nets, opts = make_replicas(n, optimizer, lr)
     who = members if members is not None else list(range(n))
     params = [list(m.parameters()) for m in nets]
@@ -202,7 +205,8 @@ def reference_co2(
     pending: list[torch.Tensor] | None = None
 
     def mean_delta() -> list[torch.Tensor]:
-        return [sum(phi[i] - params[r][i].detach() for r in range(n)) / n for i in range(len(phi))]
+        ok = [r for r in range(n) if all(bool(torch.isfinite(p).all()) for p in params[r])]
+        return [sum(phi[i] - params[r][i].detach() for r in ok) / len(ok) for i in range(len(phi))]
 
     def outer(d: list[torch.Tensor]) -> None:
         for i in range(len(phi)):
@@ -221,6 +225,10 @@ def reference_co2(
     for step in range(steps):
         for r in range(n):
             local_step(nets[r], opts[r], who[r], step)
+            if nan_at is not None and (r, step) == tuple(nan_at):
+                with torch.no_grad():
+                    for p in params[r]:
+                        p.fill_(float("nan"))
         since += 1
         if (step + 1) % sync_every:
             continue

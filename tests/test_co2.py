@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from helpers import KnownBatchModule, assert_close_state, fit_fork
@@ -54,6 +55,72 @@ def test_co2_resume_with_round_in_flight(tmp_path):
     )
     for r in range(2):
         assert_close_state(resumed[r]["state_dict"], full[r]["state_dict"], atol=0.0)
+
+
+class WatchInflight(L.Callback):
+    """After every training step, records whether the strategy holds a round in flight and whether
+    its handle has been waited; keeps the handle launched at the first sync to look at it later."""
+
+    def __init__(self, out):
+        self.out = out
+        self.rows = []
+        self.first = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        s = trainer.strategy
+        f = s._inflight
+        handle = None if f is None else f.get("handle")
+        if handle is not None and self.first is None:
+            self.first = handle
+        self.rows.append(
+            {
+                "step": s.replica_step,
+                "inflight": f is not None,
+                "unwaited": handle is not None and not handle._done,
+                "first_done": None if self.first is None else self.first._done,
+            }
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.rows, self.out / f"inflight{trainer.global_rank}.pt")
+
+
+def test_all_reduce_stays_in_flight_across_the_next_rounds_steps(tmp_path):
+    """H=3, 9 steps: the all-reduce launched at step 3 is still unwaited after steps 3, 4 and 5 (the
+    next round's local steps run while it is in flight) and is waited only by the sync at step 6,
+    which leaves that round's all-reduce in flight in turn."""
+    tmp_path.mkdir(exist_ok=True)
+    fit_fork(
+        tmp_path / "out",
+        KnownBatchModule(),
+        co2(sync_every=3),
+        callbacks=[WatchInflight(tmp_path)],
+        max_steps=9,
+    )
+    for r in range(2):
+        rows = {row["step"]: row for row in torch.load(tmp_path / f"inflight{r}.pt", weights_only=False)}
+        assert sorted(rows) == list(range(1, 10))
+        for step in (1, 2):
+            assert not rows[step]["inflight"], "nothing is launched before the first sync"
+        for step in range(3, 10):
+            assert rows[step]["inflight"] and rows[step]["unwaited"], (r, rows[step])
+        assert rows[3]["first_done"] is False and rows[5]["first_done"] is False
+        assert rows[6]["first_done"] is True, "the sync at step 6 waits for the round launched at 3"
+
+
+def test_nan_replica_is_excluded_and_reset(tmp_path):
+    """Rank 1's loss is NaN at step 5 (round 2 of H=4): its round-2 contribution is left out (the
+    round applied at step 12 is rank 0's alone), it restarts from the global weights at step 8,
+    and every rank equals the reference that averages only finite replicas."""
+    ranks = fit_fork(tmp_path, KnownBatchModule(nan_at=(1, 5)), co2(sync_every=4), max_steps=12)
+    ref = reference_co2(2, 12, 4, nan_at=(1, 5))
+    for r in range(2):
+        assert all(torch.isfinite(v).all() for v in ranks[r]["state_dict"].values())
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    assert_close_state(ranks[0]["state_dict"], ranks[1]["state_dict"], atol=0.0)
+    ev0, ev1 = ranks[0]["nonfinite_events"], ranks[1]["nonfinite_events"]
+    assert {"step": 8, "local": 1} in [{"step": e["step"], "local": e["local"]} for e in ev1], ev1
+    assert [e["excluded"] for e in ev0 if e["step"] == 12] == [1], ev0
 
 
 def test_outer_optimizer_clips_and_keeps_the_clip():
