@@ -290,7 +290,24 @@ class CountDistCalls(L.Callback):
     """Counts the real torch.distributed calls a rank makes between the first and last training step
     (wrapping them, then calling through), to check that no collective bypasses comm.py."""
 
-    NAMES = ("broadcast", "all_reduce", "all_gather", "barrier", "all_gather_object", "broadcast_object_list")
+    NAMES = (
+        "broadcast",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+        "all_to_all_single",
+        "reduce",
+        "gather",
+        "scatter",
+        "barrier",
+        "all_gather_object",
+        "broadcast_object_list",
+        "gather_object",
+        "scatter_object_list",
+    )  # every collective (point-to-point transfers are not counted: NoLoCo's pairs use them)
 
     def __init__(self, out):
         self.out = out
