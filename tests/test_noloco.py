@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import KnownBatchModule, assert_close_state, fit_fork
 from reference_outer import reference_noloco
-from test_local_sgd import CountDistCalls
+from test_gossip import CountDistCalls
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies.noloco import pair_groups
@@ -24,7 +24,7 @@ def test_pair_groups_cover_every_replica_once():
 
 def test_noloco_three_ranks_matches_reference_without_collectives(tmp_path):
     """3 replicas (one sits out each round), H=3, 12 steps, no final sync: each rank equals the
-    reference, and during training no all-reduce/broadcast/all-gather/barrier was made at all."""
+    reference, and during training no collective was made at all (only batched point-to-point)."""
     tmp_path.mkdir(exist_ok=True)
     ranks = fit_fork(
         tmp_path / "out",
@@ -38,12 +38,15 @@ def test_noloco_three_ranks_matches_reference_without_collectives(tmp_path):
     for r in range(3):
         assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
         rec = torch.load(tmp_path / f"calls{r}.pt", weights_only=False)
-        assert sum(rec["calls"].values()) == 0, rec["calls"]
+        calls = dict(rec["calls"])
+        exchanges = calls.pop("batch_isend_irecv")
+        assert sum(calls.values()) == 0, rec["calls"]
         p2p = (
             rec["after"]["by_op"]["send"]["rounds"]
             - rec["before"]["by_op"].get("send", {"rounds": 0})["rounds"]
         )
-        assert p2p == sum(len(g) == 2 and r in g for k in range(4) for g in pair_groups(k, 3, seed=5))
+        paired = sum(len(g) == 2 and r in g for k in range(4) for g in pair_groups(k, 3, seed=5))
+        assert p2p == paired and exchanges == paired
     assert not torch.equal(ranks[0]["state_dict"]["net.0.weight"], ranks[1]["state_dict"]["net.0.weight"])
 
 
