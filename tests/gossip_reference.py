@@ -87,3 +87,82 @@ def reference_gossip(
                 for p, v in zip(params[r], mean):
                     p.copy_(v)
     return [{f"net.{k}": v.detach().clone() for k, v in n.state_dict().items()} for n in nets]
+
+
+def reference_choco(
+    n_replicas: int,
+    steps: int,
+    should_gossip: Callable[[int], bool],
+    w: torch.Tensor,
+    make_compressor: Callable[[], object],
+    gamma: float,
+    *,
+    gossip_steps: int = 1,
+    lr: float = 0.1,
+    nan_at: tuple[int, int] | None = None,
+    final_average: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """CHOCO-SGD (Koloskova et al., ICML 2019, Algorithm 2), written out with one public copy
+    ``x_hat[j]`` per replica (every holder of a copy has the same one, so one list stands for them
+    all), all starting at the initial model. After each step ``s`` with ``should_gossip(s)``,
+    ``gossip_steps`` times: ``q_j = C_j(x_j - x_hat_j)`` for every replica (its own compressor
+    ``C_j``, salt ``j``, key ``"gossip/net.<name>"``), ``x_hat_j += q_j``, then
+    ``x_i += gamma * sum_j W_ij (x_hat_j - x_hat_i)``.
+
+    ``nan_at=(r, s)``: replica ``r``'s loss is NaN at step ``s``; until it is reset it sends no
+    message (its copy stays) and it restarts from ``x_hat_r + gamma * sum_j W_rj (x_hat_j - x_hat_r)``.
+    """
+    nets = [make_net(0) for _ in range(n_replicas)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in nets]
+    params = [list(m.parameters()) for m in nets]
+    names = [f"gossip/net.{k}" for k, _ in nets[0].named_parameters()]
+    comps = [make_compressor() for _ in range(n_replicas)]
+    hat = [[p.detach().clone() for p in params[0]] for _ in range(n_replicas)]
+    w = w.to(torch.float32)
+    for step in range(steps):
+        for r in range(n_replicas):
+            x, y = make_batch(r, step)
+            opts[r].zero_grad()
+            loss = nn.functional.mse_loss(nets[r](x), y)
+            if nan_at is not None and (r, step) == tuple(nan_at):
+                loss = loss * float("nan")
+            loss.backward()
+            opts[r].step()
+        if not should_gossip(step + 1):
+            continue
+        for _ in range(gossip_steps):
+            with torch.no_grad():
+                ok = [all(bool(torch.isfinite(p).all()) for p in params[r]) for r in range(n_replicas)]
+                for j in range(n_replicas):
+                    for i, name in enumerate(names):
+                        # every compressor is called at every step (a diverged replica compresses zeros)
+                        diff = (params[j][i] - hat[j][i]) if ok[j] else torch.zeros_like(hat[j][i])
+                        q = comps[j].decompress(comps[j].compress(diff.reshape(-1), name, salt=j))
+                        if ok[j]:
+                            hat[j][i] = hat[j][i] + q.view(hat[j][i].shape)
+                for r in range(n_replicas):
+                    base = params[r] if ok[r] else hat[r]
+                    new = [
+                        base[i]
+                        + gamma
+                        * sum(
+                            (
+                                w[r, j] * (hat[j][i] - hat[r][i])
+                                for j in range(n_replicas)
+                                if j != r and w[r, j] > 0
+                            ),
+                            torch.zeros_like(hat[r][i]),
+                        )
+                        for i in range(len(names))
+                    ]
+                    for p, v in zip(params[r], new):
+                        p.copy_(v)
+                    if not ok[r]:
+                        opts[r].state.clear()
+    if final_average:
+        with torch.no_grad():
+            mean = [sum(params[r][i] for r in range(n_replicas)) / n_replicas for i in range(len(params[0]))]
+            for r in range(n_replicas):
+                for p, v in zip(params[r], mean):
+                    p.copy_(v)
+    return [{f"net.{k}": v.detach().clone() for k, v in m.state_dict().items()} for m in nets]

@@ -25,8 +25,27 @@ NaN/Inf: a neighbour whose model is not finite is left out of the merge (the wei
 others are renormalised); a replica whose own model is not finite is reset to the merge of its
 finite neighbours, its optimizer state cleared, and the event reported.
 
-Message compression (CHOCO-gossip) plugs in at one place, :meth:`GossipStrategy.gossip_exchange`:
-encode there what is sent and decode what is received (with CHOCO's public copies as replica state).
+Compressed gossip (``compressor=``): CHOCO-gossip (Koloskova, Stich & Jaggi, "Decentralized
+Stochastic Optimization and Gossip Algorithms with Compressed Communication", ICML 2019, Algorithm 2,
+CHOCO-SGD). Replica ``i`` keeps public copies ``x_hat_j`` of itself and of its in-neighbours (they start
+at the common initial model, so every holder of ``x_hat_j`` has the same one). A gossip step is::
+
+    q_i      = C(x_i - x_hat_i)                    # compressed, sent to the out-neighbours
+    x_hat_j <- x_hat_j + q_j    for j in N(i) + {i} # every holder applies the same decoded q_j
+    x_i     <- x_i + gamma * sum_j W_ij (x_hat_j - x_hat_i)
+
+with the consensus step size ``gamma = consensus_lr`` in (0, 1]. Only ``q_i`` travels (at the
+compressor's size, one byte of finite-flag per message). The copies follow each neighbour's model,
+so what was not sent is sent later (CHOCO is its own error feedback: the compressor's must be off).
+The copies and the compressor's state (per tensor name, under ``"gossip/<name>"``) are per-replica
+state in the replica shards, so a resume continues exactly. The topology must be static: with a
+time-varying one a replica's copy of a neighbour would miss the messages sent to others. A replica
+whose model is not finite sends nothing that round (every copy of it stays), and restarts from its
+own public copy mixed with its neighbours'. Global merges (``merge_from``, the final merge) are
+exact, and every copy restarts from the merged model.
+
+Every message goes through one place, :meth:`GossipStrategy.gossip_exchange`, which encodes what
+is sent and decodes what is received.
 """
 
 from __future__ import annotations
@@ -39,17 +58,131 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fedopt.compression import COMPRESSORS, Compressor, ErrorControl, RandomProjection, TopK
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge, as_merge
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 from lightning_fedopt.topology import TOPOLOGIES, Topology, from_matrix, make_topology
 
-__all__ = ["GossipStrategy"]
+__all__ = ["ChocoCopies", "GossipStrategy", "choco_compressor"]
 
 log = logging.getLogger("lightning_fedopt")
 
 #: merge operators a gossip round can use (the others need a base model that gossip does not have)
 GOSSIP_MERGES = ("mean", "weighted", "variance_corrected", "median", "trimmed_mean", "nna", "krum")
+
+
+#: topologies whose mixing matrix changes between rounds (CHOCO needs a static one)
+_TIME_VARYING = ("one_peer_exponential", "random_matching")
+
+
+def choco_compressor(spec: Any) -> Compressor:
+    """The compressor of CHOCO-gossip's messages, from a :class:`~lightning_fedopt.compression.Compressor`
+    or a name (made with its error feedback off).
+
+    CHOCO's public copies already carry what a message left out into the next ones, so the
+    compressor's own error feedback must be off (a second accumulation of the same residual
+    overshoots); DGC's momentum correction is for gradients; EControl keeps a shared estimate
+    of its own, and a random projection is not contractive (``||C(x) - x||`` can exceed ``||x||``),
+    which CHOCO's consensus needs.
+
+    Raises:
+        ValueError: naming ``compressor``, for any other value or one of the options above.
+
+    Example:
+        >>> choco_compressor("sign")
+        Sign(error_feedback=False)
+    """
+    if isinstance(spec, str):
+        if spec not in COMPRESSORS:
+            raise ValueError(
+                f"`compressor` must be a Compressor or one of {sorted(COMPRESSORS)}, got {spec!r}"
+            )
+        comp = COMPRESSORS[spec]()
+        if getattr(comp, "error_feedback", False):
+            comp.error_feedback = False  # type: ignore[attr-defined]
+    elif isinstance(spec, Compressor):
+        comp = spec
+    else:
+        raise ValueError(
+            f"`compressor` must be a Compressor, one of {sorted(COMPRESSORS)} or None, got {spec!r}"
+        )
+    if isinstance(comp, (ErrorControl, RandomProjection)):
+        raise ValueError(
+            f"`compressor` {comp!r} cannot compress CHOCO-gossip messages: it needs a contractive compressor "
+            "without a shared estimate of its own (fp16, bf16, int8, int4, sign, topk)"
+        )
+    if getattr(comp, "error_feedback", False):
+        raise ValueError(
+            f"`compressor` {comp!r}: CHOCO-gossip is its own error feedback (the public copies carry what a "
+            "message left out); pass the compressor with error_feedback=False"
+        )
+    if isinstance(comp, TopK) and comp.momentum > 0:
+        raise ValueError(
+            f"`compressor` {comp!r}: DGC's momentum correction is for gradients; CHOCO-gossip needs momentum=0"
+        )
+    return comp
+
+
+class ChocoCopies:
+    """CHOCO-gossip's public copies ``x_hat_j`` held by one replica (pure: no communication).
+
+    ``hat[j]`` is replica ``j``'s public copy, for this replica and its in-neighbours, in float32.
+    All start at the same model (the replicas' common initial weights), and every holder of
+    ``x_hat_j`` adds the same decoded messages, so the copies agree across replicas.
+
+    Example:
+        >>> import torch
+        >>> c = ChocoCopies([torch.zeros(2)], holders=[0, 1])
+        >>> c.residual(0, [torch.tensor([1.0, 2.0])])
+        [tensor([1., 2.])]
+        >>> c.receive(0, [torch.tensor([1.0, 2.0])])          # an exact message
+        >>> c.mix([torch.tensor([1.0, 2.0])], 0, {0: 0.5, 1: 0.5}, gamma=1.0)
+        [tensor([0.5000, 1.0000])]
+    """
+
+    def __init__(self, values: list[Tensor], holders: list[int]) -> None:
+        self.hat: dict[int, list[Tensor]] = {}
+        self.reset(values, holders)
+
+    def reset(self, values: list[Tensor], holders: list[int] | None = None) -> None:
+        """Every copy := ``values`` (the replicas agree on them: at the start, after a global merge)."""
+        holders = sorted(self.hat) if holders is None else sorted(holders)
+        self.hat = {j: [v.detach().float().clone() for v in values] for j in holders}
+
+    def residual(self, rank: int, values: list[Tensor]) -> list[Tensor]:
+        """``x_i - x_hat_i``: what replica ``rank`` compresses and sends."""
+        return [v.detach().float() - h for v, h in zip(values, self.hat[rank])]
+
+    def receive(self, j: int, q: list[Tensor]) -> None:
+        """``x_hat_j <- x_hat_j + q_j`` (``q_j`` decoded, the same bits on every holder)."""
+        for h, d in zip(self.hat[j], q):
+            h.add_(d.reshape(h.shape).float())
+
+    def mix(self, values: list[Tensor], rank: int, weights: dict[int, float], gamma: float) -> list[Tensor]:
+        """``x_i + gamma * sum_j W_ij (x_hat_j - x_hat_i)`` over ``weights`` = ``{j: W_ij}`` (``j != i``)."""
+        own = self.hat[rank]
+        out = []
+        for k, v in enumerate(values):
+            acc = torch.zeros_like(own[k])
+            for j in sorted(weights):
+                if j != rank:
+                    acc.add_(self.hat[j][k] - own[k], alpha=weights[j])
+            out.append((v.detach().float() + gamma * acc).to(v.dtype))
+        return out
+
+    def state_dict(self) -> dict[int, list[Tensor]]:
+        return {j: [h.detach().cpu().clone() for h in hs] for j, hs in self.hat.items()}
+
+    def load_state_dict(self, state: dict[int, list[Tensor]], device: torch.device | None = None) -> None:
+        if sorted(state) != sorted(self.hat) or any(len(state[j]) != len(self.hat[j]) for j in state):
+            raise ValueError(
+                f"CHOCO copies in the checkpoint are for replicas {sorted(state)}, this replica holds "
+                f"{sorted(self.hat)}"
+            )
+        for j, hs in state.items():
+            for dst, src in zip(self.hat[j], hs):
+                dst.copy_(src.to(dst.device))
 
 
 def _flatten(tensors: list[Tensor]) -> list[tuple[torch.dtype, list[int], Tensor]]:
@@ -98,11 +231,19 @@ class GossipStrategy(ReplicaStrategy):
             final merge at the end of ``fit`` is ``final_sync``).
         topology_seed: seed of ``"random_matching"``'s round-seeded matchings.
         warmup_steps: gossip after every one of the first ``warmup_steps`` steps (>= 0).
+        compressor: compress the gossip messages (CHOCO-gossip, module doc): a
+            :class:`~lightning_fedopt.compression.Compressor` without error feedback, or a name
+            (``"int8"``, ``"int4"``, ``"fp16"``, ``"bf16"``, ``"sign"``, ``"topk"``; made with error feedback
+            off); None for exact gossip. Needs a static topology and ``merge="mean"``/``"weighted"``.
+        consensus_lr: CHOCO's consensus step size ``gamma`` in (0, 1] (only with ``compressor``). With an
+            exact compressor ``gamma = 1`` is plain gossip; the more a compressor drops, the smaller
+            ``gamma`` must be for the replicas to agree (the paper tunes it, e.g. 0.01-0.5).
         **kwargs: :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` arguments
             (``evaluate``, ``final_sync``, ``start_method``, ``timeout``, ...).
 
     Raises:
-        ValueError: an argument out of range; at setup, a topology for a different number of
+        ValueError: an argument out of range; a compressor CHOCO cannot use, or combined with a
+            time-varying topology, a robust merge or DIMAT; at setup, a topology for a different number of
             replicas, a robust merge with fewer neighbours than it needs, or SAM with manual
             optimization or gradient accumulation.
 
@@ -110,6 +251,7 @@ class GossipStrategy(ReplicaStrategy):
         >>> import lightning as L
         >>> import lightning_fedopt as lf
         >>> trainer = L.Trainer(accelerator="cpu", devices=4, strategy=lf.GossipStrategy("ring", gossip_every=2))
+        >>> choco = lf.GossipStrategy("ring", compressor=lf.compression.Int8(block=64), consensus_lr=0.5)
     """
 
     strategy_name = "gossip"
@@ -127,6 +269,8 @@ class GossipStrategy(ReplicaStrategy):
         merge_from: float | None = None,
         topology_seed: int = 0,
         warmup_steps: int = 0,
+        compressor: Compressor | str | None = None,
+        consensus_lr: float = 1.0,
         **kwargs: Any,
     ) -> None:
         if isinstance(topology, str):
@@ -156,6 +300,37 @@ class GossipStrategy(ReplicaStrategy):
             raise ValueError(f"`merge_from` must be a fraction in (0, 1] or None, got {merge_from!r}")
         if isinstance(topology_seed, bool) or not isinstance(topology_seed, int) or topology_seed < 0:
             raise ValueError(f"`topology_seed` must be an integer >= 0, got {topology_seed!r}")
+        if not (
+            isinstance(consensus_lr, (int, float))
+            and not isinstance(consensus_lr, bool)
+            and math.isfinite(consensus_lr)
+            and 0 < consensus_lr <= 1
+        ):
+            raise ValueError(f"`consensus_lr` (CHOCO's gamma) must be in (0, 1], got {consensus_lr!r}")
+        self.compressor = choco_compressor(compressor) if compressor is not None else None
+        if self.compressor is None and consensus_lr != 1:
+            raise ValueError(
+                "`consensus_lr` is the step size of compressed gossip (CHOCO); it needs `compressor`"
+            )
+        if self.compressor is not None:
+            if (isinstance(topology, str) and topology in _TIME_VARYING) or (
+                isinstance(topology, Topology) and topology.time_varying
+            ):
+                name = topology if isinstance(topology, str) else topology.name
+                raise ValueError(
+                    f"`topology` {name} changes between rounds, and CHOCO-gossip (`compressor`) needs a static "
+                    "one: a replica's copy of a neighbour would miss the messages that neighbour sent to others"
+                )
+            if not self.merge.linear:
+                raise ValueError(
+                    f"`compressor` (CHOCO-gossip) mixes with the weights W_ij; it cannot be combined with "
+                    f"`merge={self.merge.method!r}`"
+                )
+            if align is not None:
+                raise ValueError(
+                    "`compressor` (CHOCO-gossip) sends compressed differences, not models: it cannot be "
+                    "combined with `align='dimat'`"
+                )
         super().__init__(gossip_every, warmup_steps=warmup_steps, **kwargs)
         self.topology_spec = topology
         self.gossip_steps = gossip_steps
@@ -171,6 +346,10 @@ class GossipStrategy(ReplicaStrategy):
         self._round = 0  # gossip steps done so far (the round index of time-varying topologies)
         self._merged_step = 0  # replica step of the last global merge (replicas identical there)
         self._merge_from_step: int | None = None
+        self.consensus_lr = float(consensus_lr)
+        self._choco: ChocoCopies | None = None
+        #: uncompressed / compressed bytes of the messages sent so far (compressed gossip)
+        self._message_bytes = {"raw_bytes": 0, "compressed_bytes": 0}
 
     # ---------------------------------------------------------------- set-up and state
     def setup_algorithm(self) -> None:
@@ -207,6 +386,18 @@ class GossipStrategy(ReplicaStrategy):
             self._setup_align()
         self._round = 0
         self._merged_step = self._replica_step
+        self._choco = None
+        self._message_bytes = {"raw_bytes": 0, "compressed_bytes": 0}
+        if self.compressor is not None:
+            if self.topology.time_varying:
+                raise ValueError(
+                    f"`topology` {self.topology.name} changes between rounds; CHOCO-gossip (`compressor`) "
+                    "needs a static one"
+                )
+            rank = self.global_rank
+            holders = [rank, *self.topology.in_neighbors(rank, 0)]
+            self._choco = ChocoCopies(self.tracked_tensors(), holders)  # the replicas are identical here
+            self.compressor.reset_state()
 
     def _setup_align(self) -> None:
         from lightning_fedopt.dimat import _layers
@@ -277,11 +468,46 @@ class GossipStrategy(ReplicaStrategy):
         self._round = int(state.get("round", 0))
         self._merged_step = int(state.get("merged_step", -1))
 
+    def replica_state_dict(self) -> dict[str, Any]:
+        state = super().replica_state_dict()
+        if self._choco is not None and self.compressor is not None:  # the copies differ between replicas
+            state["choco"] = {
+                "copies": self._choco.state_dict(),
+                "compressor": self.compressor.state_dict(),
+                "message_bytes": dict(self._message_bytes),
+            }
+        return state
+
+    def load_replica_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_replica_state_dict(state)
+        choco = state.get("choco")
+        if self._choco is not None and self.compressor is not None:
+            if choco is None:
+                raise ValueError(
+                    "the checkpoint has no CHOCO-gossip state (it was written without `compressor`); "
+                    "resume with the strategy it was written with"
+                )
+            self._choco.load_state_dict(choco["copies"])
+            self.compressor.load_state_dict(choco["compressor"])
+            self._message_bytes = dict(choco["message_bytes"])
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Uncompressed / compressed bytes of the gossip messages sent so far (None without a compressor)."""
+        b = self._message_bytes
+        return (
+            b["raw_bytes"] / b["compressed_bytes"]
+            if self.compressor is not None and b["compressed_bytes"]
+            else None
+        )
+
     def local_is_consensus(self) -> bool:
         return self._merged_step == self._replica_step
 
     def _after_final_sync(self) -> None:
         self._merged_step = self._replica_step
+        if self._choco is not None:  # every replica holds the merged model: so does every copy
+            self._choco.reset(self.tracked_tensors())
 
     @property
     def spectral_gap(self) -> float | None:
@@ -296,8 +522,17 @@ class GossipStrategy(ReplicaStrategy):
     def gossip_exchange(
         self, message: list[Tensor], sends_to: list[int], receives_from: list[int]
     ) -> dict[int, list[Tensor]]:
-        """Send ``message`` to ``sends_to`` and receive one model from each of ``receives_from``,
-        point-to-point (one batched exchange per dtype). The one place a message compressor goes."""
+        """Send ``message`` to ``sends_to`` and receive one message from each of ``receives_from``,
+        point-to-point: the one place where what is sent is encoded and what is received decoded.
+
+        Without a compressor the message is a model, sent as one flat buffer per dtype. With one
+        (CHOCO-gossip) it is ``x_i - x_hat_i``, compressed tensor by tensor (state under
+        ``"gossip/<name>"``) into one byte buffer with a leading finite flag; the result then also
+        holds this replica's own message as the receivers decode it, under its own rank. A message
+        that is not finite travels as zeros with the flag down and is decoded as NaN.
+        """
+        if self.compressor is not None:
+            return self._exchange_compressed(message, sends_to, receives_from)
         groups = _flatten(message)
         received: dict[int, list[tuple[torch.dtype, list[int], Tensor]]] = {j: [] for j in receives_from}
         for dt, idx, flat in groups:
@@ -306,6 +541,47 @@ class GossipStrategy(ReplicaStrategy):
             for j in receives_from:
                 received[j].append((dt, idx, bufs[j]))
         return {j: _unflatten(g, message) for j, g in received.items()}
+
+    def _exchange_compressed(
+        self, message: list[Tensor], sends_to: list[int], receives_from: list[int]
+    ) -> dict[int, list[Tensor]]:
+        comp = self.compressor
+        assert comp is not None
+        rank = self.global_rank
+        finite = self.is_finite(message)
+        dev = message[0].device
+        pays = [
+            comp.compress(
+                m.detach().reshape(-1).float() if finite else torch.zeros(m.numel(), device=dev),
+                f"gossip/{name}",
+                salt=rank,
+                check_finite=False,
+            )
+            for name, m in zip(self._tracked_names, message)
+        ]
+        flag = torch.tensor([int(finite)], dtype=torch.uint8, device=dev)
+        buf = torch.cat([flag, *[p.pack() for p in pays]])
+        recvs = {j: torch.empty_like(buf) for j in receives_from}
+        self.comm.exchange(dict.fromkeys(sends_to, buf), recvs, purpose="sync").wait()
+        # what exact gossip would have sent: the model in its own dtypes
+        raw = sum(t.numel() * t.element_size() for t in self.tracked_tensors())
+        self._message_bytes["raw_bytes"] += len(sends_to) * raw
+        self._message_bytes["compressed_bytes"] += len(sends_to) * buf.numel()
+
+        def decode(got: Tensor | None) -> list[Tensor]:
+            if got is not None and not bool(got[0]):
+                return [torch.full(m.shape, float("nan"), device=dev) for m in message]
+            out, off = [], 1
+            for p, m in zip(pays, message):
+                nb = p.nbytes
+                q = p if got is None else p.unpack_like(got[off : off + nb])
+                off += nb
+                out.append(comp.decompress_sum([q]).view(m.shape))
+            return out
+
+        decoded = {j: decode(b) for j, b in recvs.items()}
+        decoded[rank] = decode(None) if finite else decode(flag)
+        return decoded
 
     # ---------------------------------------------------------------- merging
     def _merge_set(self, contributions: list[Contribution], reference: list[Tensor] | None) -> list[Tensor]:
@@ -316,6 +592,8 @@ class GossipStrategy(ReplicaStrategy):
 
     def gossip_step(self) -> dict[str, float]:
         """One gossip step: exchange with the neighbours of round ``self._round`` and merge."""
+        if self._choco is not None:
+            return self._choco_step()
         assert self.topology is not None
         rank, t = self.global_rank, self._round
         tensors = self.tracked_tensors()
@@ -359,6 +637,36 @@ class GossipStrategy(ReplicaStrategy):
         self._round += 1
         info["excluded_nonfinite"] = float(bad)
         return info
+
+    def _choco_step(self) -> dict[str, float]:
+        """One CHOCO-gossip step (module doc): send ``C(x_i - x_hat_i)``, update the copies, mix."""
+        assert self.topology is not None and self._choco is not None
+        rank, t = self.global_rank, self._round
+        tensors = self.tracked_tensors()
+        ins = self.topology.in_neighbors(rank, t)
+        outs = self.topology.out_neighbors(rank, t)
+        own = [v.detach().clone() for v in tensors]
+        own_finite = self.is_finite(own)
+        residual = self._choco.residual(rank, self.outgoing_message(own))
+        decoded = self.gossip_exchange(residual, outs, sorted(ins))
+        bad = 0 if own_finite else 1
+        for j in sorted(decoded):
+            if self.is_finite(decoded[j]):
+                self._choco.receive(j, decoded[j])
+            elif j != rank:
+                bad += 1  # its copy stays as it was: it rejoins with its next finite message
+        # a replica whose model is not finite restarts from its own public copy
+        base = own if own_finite else self._choco.hat[rank]
+        new = self._choco.mix(base, rank, ins, self.consensus_lr)
+        with torch.no_grad():
+            for dst, v in zip(tensors, new):
+                dst.copy_(v)
+        if bad:
+            self.record_nonfinite(bad, local=not own_finite)
+        if not own_finite:
+            self.reset_optimizer_state()
+        self._round += 1
+        return {"excluded_nonfinite": float(bad)}
 
     def global_merge_values(self, purpose: str = "consensus") -> list[Tensor]:
         """Every replica's (finite) model merged with ``merge``: an all-reduce for the mean, an all-gather otherwise."""
@@ -418,6 +726,8 @@ class GossipStrategy(ReplicaStrategy):
                 self.record_nonfinite(1, local=True)
                 self.reset_optimizer_state()
             self._merged_step = self._replica_step
+            if self._choco is not None:  # the replicas agree on the merged model: so do the copies
+                self._choco.reset(tensors)
             info["global_merge"] = 1.0
             return info
         bad = 0.0

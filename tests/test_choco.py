@@ -1,0 +1,289 @@
+"""Compressed gossip (CHOCO-gossip, ``GossipStrategy(compressor=...)``) on real processes (fork, gloo)
+against the single-process reference of CHOCO-SGD in gossip_reference.py."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from gossip_reference import reference_choco, reference_gossip
+from helpers import TIMEOUT, KnownBatchModule, SaveFinal, assert_close_state, fit_fork, load_ranks, make_net
+from test_gossip import PAYLOAD, CountDistCalls, ring_matrix
+
+import lightning_fedopt as lf
+from lightning_fedopt.compression import (
+    FP16,
+    Compressor,
+    ErrorControl,
+    Int8,
+    Payload,
+    RandomProjection,
+    Sign,
+    TopK,
+)
+from lightning_fedopt.strategies.gossip import ChocoCopies, choco_compressor
+
+SIZES = [p.numel() for p in make_net().parameters()]
+
+
+def gossip(*args, **kw):
+    return lf.GossipStrategy(*args, start_method="fork", timeout=TIMEOUT, **kw)
+
+
+def message_nbytes(comp: Compressor) -> int:
+    """Bytes of one compressed gossip message of the test network: the payloads and a finite flag."""
+    return sum(comp.compressed_nbytes(n) for n in SIZES) + 1
+
+
+class Exact(Compressor):
+    """Sends fp32 values as they are: CHOCO with it (and gamma = 1) is plain gossip."""
+
+    name = "exact"
+
+    def _compress(self, x, key, salt):
+        return [x.clone()], None
+
+    def _decompress_sum(self, payloads: list[Payload]) -> torch.Tensor:
+        return sum(p.tensors[0].float() for p in payloads)
+
+    def compressed_nbytes(self, numel: int) -> int:
+        return 4 * numel
+
+
+class SaveRatio(L.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save(trainer.strategy.compression_ratio, self.out / f"ratio{trainer.global_rank}.pt")
+
+
+def sent_bytes(rank: dict, op: str = "send") -> int:
+    return rank["comm"]["by_op"].get(op, {"bytes_sent": 0})["bytes_sent"]
+
+
+def test_ring_four_processes_int8_matches_reference_point_to_point_only(tmp_path):
+    """4 ranks on a ring, stochastic int8 messages (block 16), gamma 0.5, gossip every 2 steps for
+    10 steps: every rank equals the CHOCO reference to 1e-5, only compressed bytes travelled, and
+    only point-to-point (plus rank 0's stop flag before each round)."""
+    tmp_path.mkdir(exist_ok=True)
+
+    def comp():
+        return Int8(block=16, rounding="stochastic")
+
+    ranks = fit_fork(
+        tmp_path / "out",
+        KnownBatchModule(),
+        gossip("ring", gossip_every=2, compressor=comp(), consensus_lr=0.5, final_sync=False),
+        n=4,
+        max_steps=10,
+        callbacks=[CountDistCalls(tmp_path)],
+    )
+    ref = reference_choco(4, 10, lambda s: s % 2 == 0, ring_matrix(4), comp, 0.5)
+    for r in range(4):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    assert not torch.allclose(ranks[0]["state_dict"]["net.0.weight"], ranks[2]["state_dict"]["net.0.weight"])
+    # the compression was real: CHOCO with exact messages ends elsewhere
+    exact = reference_choco(4, 10, lambda s: s % 2 == 0, ring_matrix(4), Exact, 0.5)
+    assert (exact[0]["net.0.weight"] - ref[0]["net.0.weight"]).abs().max() > 1e-5
+    per_message = message_nbytes(comp())
+    assert per_message == 126 and PAYLOAD == 388  # 97 int8 codes + 7 fp32 scales + 1 flag vs 97 fp32
+    for r in range(4):
+        rec = torch.load(tmp_path / f"calls{r}.pt", weights_only=False)
+        calls = rec["calls"]
+        assert calls["batch_isend_irecv"] == 5 and calls["broadcast"] == 5, calls
+        assert sum(calls.values()) == 10, calls
+        after, before = rec["after"]["by_op"], rec["before"]["by_op"]
+        sent = after["send"]["bytes_sent"] - before.get("send", {"bytes_sent": 0})["bytes_sent"]
+        assert sent == 5 * 2 * per_message  # 5 rounds, to both ring neighbours
+        received = (
+            after["recv"]["bytes_received"] - before.get("recv", {"bytes_received": 0})["bytes_received"]
+        )
+        assert received == sent
+        assert 5 * 2 * PAYLOAD / sent == pytest.approx(388 / 126)  # 3.08x less than exact gossip
+
+
+@pytest.mark.parametrize(
+    ("comp", "n", "topology", "w"),
+    [
+        # directed: rank i receives from i-1, i-2 and sends to i+1, i+2
+        (
+            lambda: TopK(density=0.25, error_feedback=False),
+            4,
+            "exponential",
+            lf.topology.exponential(4).matrix(),
+        ),
+        (
+            lambda: Sign(error_feedback=False),
+            3,
+            [[0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.2, 0.3, 0.5]],
+            torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.2, 0.3, 0.5]], dtype=torch.float64),
+        ),
+    ],
+    ids=["topk-exponential4", "sign-custom3"],
+)
+def test_topk_and_sign_two_gossip_steps_and_final_merge(tmp_path, comp, n, topology, w):
+    """Top-k (25%) on the directed exponential graph and scaled sign on a custom 3x3 matrix, Q=2
+    gossip steps every 3 steps, gamma 0.3, and the exact final merge: every rank equals the reference."""
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(),
+        gossip(topology, gossip_every=3, gossip_steps=2, compressor=comp(), consensus_lr=0.3),
+        n=n,
+        max_steps=8,
+    )
+    ref = reference_choco(n, 8, lambda s: s % 3 == 0, w, comp, 0.3, gossip_steps=2, final_average=True)
+    for r in range(n):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    outs = len(lf.topology.make_topology(topology, n).out_neighbors(0))
+    assert sent_bytes(ranks[0]) == 2 * 2 * outs * message_nbytes(comp())  # 2 rounds x Q=2
+    assert ranks[0]["sync_count"] == 2 + 1
+
+
+def test_exact_compressor_with_gamma_one_is_plain_gossip(tmp_path):
+    """CHOCO with messages that lose nothing and gamma = 1 is theta <- W theta."""
+    w = torch.tensor([[0.75, 0.25], [0.25, 0.75]], dtype=torch.float64)
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(),
+        gossip(w, gossip_every=3, compressor=Exact(), final_sync=False),
+        max_steps=8,
+    )
+    plain = reference_gossip(2, 8, lambda s: s % 3 == 0, lambda t: w)
+    for r in range(2):
+        assert_close_state(ranks[r]["state_dict"], plain[r], atol=1e-5)
+    assert sent_bytes(ranks[0]) == 2 * (PAYLOAD + 1)
+
+
+def test_reference_fp16_with_gamma_one_is_close_to_plain_gossip():
+    """Single process: fp16 messages with gamma 1 stay within fp16's rounding of the differences of
+    plain gossip (not equal: the rounding is real); small gamma mixes more slowly."""
+    w = ring_matrix(4)
+    plain = reference_gossip(4, 12, lambda s: s % 2 == 0, lambda t: w)
+    fp16 = reference_choco(4, 12, lambda s: s % 2 == 0, w, FP16, 1.0)
+    exact = reference_choco(4, 12, lambda s: s % 2 == 0, w, Exact, 1.0)
+    for r in range(4):
+        assert_close_state(exact[r], plain[r], atol=1e-6)
+        assert_close_state(fp16[r], plain[r], atol=1e-3)
+    assert max((fp16[0][k] - plain[0][k]).abs().max() for k in plain[0]) > 0
+    slow = reference_choco(4, 12, lambda s: s % 2 == 0, w, Exact, 0.1)
+
+    def spread(states):
+        return sum((states[0][k] - states[2][k]).norm() for k in states[0])
+
+    assert spread(slow) > spread(plain)
+
+
+def test_resume_mid_round_is_exact(tmp_path):
+    """10 uninterrupted steps == 4 steps, checkpoint (mid-round), resume to 10: the public copies,
+    the stochastic rounding's call counters and the byte counts are in the replica shards."""
+    from helpers import trainer_kwargs
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_fedopt.strategies.replica import replica_shard_path
+
+    def strategy():
+        return gossip(
+            "ring", 3, compressor=Int8(block=16, rounding="stochastic"), consensus_lr=0.7, final_sync=False
+        )
+
+    w = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)  # ring(2): each other's only neighbour
+    full = fit_fork(tmp_path / "full", KnownBatchModule(), strategy(), max_steps=10)
+    ref = reference_choco(2, 10, lambda s: s % 3 == 0, w, lambda: Int8(block=16, rounding="stochastic"), 0.7)
+    for r in range(2):
+        assert_close_state(full[r]["state_dict"], ref[r], atol=1e-5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="mid")
+    fit_fork(
+        tmp_path / "first",
+        KnownBatchModule(),
+        strategy(),
+        max_steps=4,
+        callbacks=[ckpt],
+        enable_checkpointing=True,
+    )
+    path = tmp_path / "ckpt" / "mid.ckpt"
+    shard = torch.load(replica_shard_path(path, 1), weights_only=False)["replica"]["choco"]
+    assert sorted(shard["copies"]) == [0, 1]
+    assert shard["compressor"]["gossip/net.0.weight"]["calls"] == 1  # one round before step 4
+    trainer = L.Trainer(
+        strategy=strategy(),
+        callbacks=[SaveFinal(tmp_path / "resumed"), SaveRatio(tmp_path / "resumed")],
+        **trainer_kwargs(max_steps=10),
+    )
+    trainer.fit(KnownBatchModule(), ckpt_path=str(path))
+    resumed = load_ranks(tmp_path / "resumed", 2)
+    for r in range(2):
+        assert_close_state(resumed[r]["state_dict"], full[r]["state_dict"], atol=0.0)
+        for key in ("bytes_sent", "rounds"):
+            assert resumed[r]["comm"]["by_op"]["send"][key] == full[r]["comm"]["by_op"]["send"][key]
+        # 3 rounds (steps 3, 6, 9), 1 before the checkpoint: the ratio counts all of them
+        assert torch.load(tmp_path / "resumed" / f"ratio{r}.pt") == pytest.approx(388 / 126)
+
+
+def test_nonfinite_replica_sends_nothing_and_restarts_from_its_copy(tmp_path):
+    """Rank 1's weights turn NaN at step 4: at the round after step 6 it sends no message (rank 0
+    keeps its copy of it), is reset to its public copy mixed with rank 0's, and both go on as the reference."""
+    w = torch.tensor([[0.75, 0.25], [0.25, 0.75]], dtype=torch.float64)
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(nan_at=(1, 4)),
+        gossip(w, gossip_every=3, compressor=Int8(block=16), consensus_lr=0.5, final_sync=False),
+        max_steps=9,
+    )
+    ref = reference_choco(2, 9, lambda s: s % 3 == 0, w, lambda: Int8(block=16), 0.5, nan_at=(1, 4))
+    for r in range(2):
+        assert all(torch.isfinite(v).all() for v in ranks[r]["state_dict"].values())
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+        assert [(e["step"], e["excluded"], e["local"]) for e in ranks[r]["nonfinite_events"]] == [(6, 1, r)]
+
+
+def test_choco_copies_checkpoint_round_trip():
+    c = ChocoCopies([torch.ones(3)], holders=[2, 0, 1])
+    c.receive(1, [torch.tensor([1.0, 2.0, 3.0])])
+    d = ChocoCopies([torch.zeros(3)], holders=[0, 1, 2])
+    d.load_state_dict(c.state_dict())
+    assert torch.equal(d.hat[1][0], torch.tensor([2.0, 3.0, 4.0])) and torch.equal(d.hat[0][0], torch.ones(3))
+    with pytest.raises(ValueError, match="CHOCO copies"):
+        ChocoCopies([torch.zeros(3)], holders=[0, 1]).load_state_dict(c.state_dict())
+
+
+def test_names_make_compressors_without_error_feedback():
+    assert choco_compressor("sign").error_feedback is False
+    assert choco_compressor("topk").error_feedback is False
+    assert isinstance(choco_compressor("int8"), Int8)
+    assert lf.GossipStrategy("ring", compressor="int4").compression_ratio is None  # nothing sent yet
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"compressor": "int8", "consensus_lr": 0}, "consensus_lr"),
+        ({"compressor": "int8", "consensus_lr": 1.5}, "consensus_lr"),
+        ({"compressor": "int8", "consensus_lr": float("nan")}, "consensus_lr"),
+        ({"compressor": "int8", "consensus_lr": True}, "consensus_lr"),
+        ({"compressor": "int8", "consensus_lr": "0.5"}, "consensus_lr"),
+        ({"consensus_lr": 0.5}, "consensus_lr"),  # without a compressor
+        ({"compressor": "zip"}, "compressor"),
+        ({"compressor": 8}, "compressor"),
+        ({"compressor": Sign()}, "compressor.*error_feedback=False"),
+        ({"compressor": Int8(error_feedback=True)}, "compressor.*error_feedback=False"),
+        ({"compressor": TopK(momentum=0.9, error_feedback=False)}, "compressor.*momentum"),
+        ({"compressor": RandomProjection(0.1)}, "compressor.*contractive"),
+        ({"compressor": ErrorControl("topk")}, "compressor.*contractive"),
+        ({"compressor": "int8", "merge": "median"}, "compressor"),
+        ({"compressor": "int8", "align": "dimat"}, "compressor"),
+        ({"compressor": "int8", "topology": "one_peer_exponential"}, "topology.*static"),
+        ({"compressor": "int8", "topology": "random_matching"}, "topology.*static"),
+        ({"compressor": "int8", "topology": lf.topology.one_peer_exponential(8)}, "topology.*static"),
+        (
+            {
+                "compressor": "int8",
+                "topology": [torch.eye(2) * 0.5 + 0.25, torch.tensor([[0.9, 0.1], [0.1, 0.9]])],
+            },
+            "topology.*static",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        lf.GossipStrategy(**kwargs)
