@@ -7,8 +7,7 @@ Run it with any registered strategy through Lightning's CLI, e.g.::
     python examples/digits.py fit --trainer.devices=2 --trainer.max_steps=300 \
         --trainer.strategy=lightning_fedopt.LocalSGDStrategy --trainer.strategy.sync_every=16
     # non-IID: every replica sees a Dirichlet(alpha) label skew of the training set
-    python examples/digits.py fit --trainer.devices=2 --trainer.strategy=local_sgd \
-        --trainer.use_distributed_sampler=false --data.alpha=0.3
+    python examples/digits.py fit --trainer.devices=2 --trainer.strategy=local_sgd --data.alpha=0.3
 
 The data is split once, by seed, into 80% training and 20% validation.
 """
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from lightning import LightningDataModule, LightningModule
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def load_digits_tensors(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -38,26 +37,6 @@ def load_digits_tensors(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     return to(train), to(val)
 
 
-def dirichlet_split(
-    labels: np.ndarray, n_parts: int, alpha: float, seed: int = 0, min_size: int = 10
-) -> list[np.ndarray]:
-    """Indices of each part under a Dirichlet(``alpha``) label skew (resampled until every part has ``min_size``)."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n_parts)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * n_parts)) * len(idx)).astype(int)[:-1]
-            for p, chunk in enumerate(np.split(idx, cuts)):
-                parts[p].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.array(p)) for p in parts]
-    raise ValueError(
-        f"could not split {len(labels)} samples into {n_parts} parts of >= {min_size} with alpha={alpha}"
-    )
-
-
 class DigitsDataModule(LightningDataModule):
     """Digits train/val loaders; with ``alpha`` each replica gets its own Dirichlet label-skewed part.
 
@@ -65,34 +44,37 @@ class DigitsDataModule(LightningDataModule):
         batch_size: per-replica batch size.
         seed: split seed.
         alpha: Dirichlet concentration for a non-IID split across replicas (None: IID through
-            Lightning's distributed sampler). With ``alpha`` set, run the Trainer with
-            ``use_distributed_sampler=False``.
+            Lightning's distributed sampler). The split is ``lightning_fedopt.data.Dirichlet`` and
+            each rank samples its part with a ``PartitionSampler`` (equal-length, resumable epochs).
+        curriculum: always sample through a ``PartitionSampler`` (IID split when ``alpha`` is None),
+            as ``lightning_fedopt.callbacks.Curriculum`` needs.
     """
 
-    def __init__(self, batch_size: int = 32, seed: int = 0, alpha: float | None = None) -> None:
+    def __init__(
+        self, batch_size: int = 32, seed: int = 0, alpha: float | None = None, curriculum: bool = False
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         if alpha is not None and alpha <= 0:
             raise ValueError(f"`alpha` must be > 0, got {alpha}")
-        self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
+        self.batch_size, self.seed, self.alpha, self.curriculum = batch_size, seed, alpha, curriculum
 
     def setup(self, stage: str) -> None:
         self.train_set, self.val_set = load_digits_tensors(self.seed)
 
     def train_dataloader(self) -> DataLoader:
+        from lightning_fedopt.data import IID, Dirichlet, partition_dataloader
+
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if (self.alpha is not None and world > 1) or self.curriculum:
+            # every rank samples its own part; the parts differ in size, but every replica takes the
+            # same number of steps per epoch (the replicas meet at the same steps)
+            split = Dirichlet(self.alpha, seed=self.seed) if self.alpha is not None else IID(seed=self.seed)
+            return partition_dataloader(
+                self.train_set, split, trainer=self.trainer, batch_size=self.batch_size, seed=self.seed
+            )
         g = torch.Generator().manual_seed(self.seed)
-        if self.alpha is not None and self.trainer is not None and self.trainer.world_size > 1:
-            world, rank = self.trainer.world_size, self.trainer.global_rank
-            labels = self.train_set.tensors[1].numpy()
-            parts = dirichlet_split(labels, world, self.alpha, self.seed)
-            data = Subset(self.train_set, parts[rank].tolist())
-            # Parts differ in size, but every replica must take the same number of steps per epoch
-            # (the replicas meet at the same steps): draw an equal-length epoch from each part.
-            g.manual_seed(self.seed * 1000 + rank)
-            per_rank = len(self.train_set) // world
-            sampler = RandomSampler(data, replacement=True, num_samples=per_rank, generator=g)
-            return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True)
         return DataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
         )

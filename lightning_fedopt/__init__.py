@@ -7,7 +7,7 @@ start methods, e.g. for notebooks).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_fedopt import callbacks, compression, merging, schedules, topology
+from lightning_fedopt import callbacks, compression, data, merging, schedules, topology
 from lightning_fedopt.comm import CommStats, Communicator
 from lightning_fedopt.merging import Merge
 from lightning_fedopt.schedules import Explicit, Increasing, LateBudget, Periodic, SyncSchedule
@@ -49,6 +49,7 @@ __all__ = [
     "Topology",
     "callbacks",
     "compression",
+    "data",
     "merging",
     "schedules",
     "topology",

@@ -138,6 +138,7 @@ def reference_local_sgd(
     server_lr: float = 1.0,
     average_optimizer_state: bool = False,
     final_average: bool = True,
+    select_fn: Any = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Single-process reference of Local SGD / FedAvg / FedAU on ``n_replicas`` copies.
 
@@ -147,6 +148,8 @@ def reference_local_sgd(
     is given (uniform otherwise), or combined by FedAU (``fedau_cutoff`` not False); replicas with
     non-finite weights are left out; everyone continues from the result. At the end, unless the
     last step was a sync, all replicas are averaged once more (the strategy's final sync).
+    ``select_fn(round, step, mean_losses)`` chooses the participants from every replica's mean
+    training loss in the round instead (loss-based replica selection).
     """
     nets = [make_net(seed) for _ in range(n_replicas)]
     with torch.no_grad():
@@ -165,6 +168,7 @@ def reference_local_sgd(
     samples = [0] * n_replicas
     rounds = 0
     synced_last = False
+    round_losses: list[list[float]] = [[] for _ in range(n_replicas)]
 
     def finite(r: int) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in params[r])
@@ -185,6 +189,7 @@ def reference_local_sgd(
             loss = nn.functional.mse_loss(net(x), y)
             if nan_at is not None and (r, step) == tuple(nan_at):
                 loss = loss * float("nan")
+            round_losses[r].append(float(loss.detach()))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -192,7 +197,12 @@ def reference_local_sgd(
         synced_last = False
         if not schedule.should_sync(step + 1):
             continue
-        members = participants_fn(rounds) if participants_fn is not None else list(range(n_replicas))
+        if select_fn is not None:
+            means = [sum(v) / len(v) for v in round_losses]
+            members = select_fn(rounds, step + 1, means)
+        else:
+            members = participants_fn(rounds) if participants_fn is not None else list(range(n_replicas))
+        round_losses = [[] for _ in range(n_replicas)]
         was_finite = [finite(r) for r in range(n_replicas)]
         with torch.no_grad():
             if fedau_cutoff is not False:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedopt.compression import Compressor, get_compressor
+from lightning_fedopt.data.pacing import ReplicaSelection
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge, as_merge
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.replica import ReplicaStrategy
@@ -156,6 +157,12 @@ class LocalSGDStrategy(ReplicaStrategy):
             DARE, task arithmetic and model stock are taken from the last round's result).
         compressor: compress the model deltas of the synchronisations: a
             :class:`~lightning_fedopt.compression.Compressor`, a name such as ``"int8"``, or None.
+        selection: choose each round's ``participation`` fraction of replicas by their mean training
+            loss in the round, with an ordering and a pacing of its own
+            (:class:`~lightning_fedopt.data.ReplicaSelection`), instead of uniformly at random. The
+            replicas' mean losses travel in one all-gather of one number per replica per round
+            (purpose ``"control"``), so every rank makes the same choice. Needs ``participation`` a
+            fraction below 1.
         **kwargs: :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` arguments
             (``evaluate``, ``final_sync``, ``start_method``, ``timeout``, ...).
 
@@ -182,9 +189,22 @@ class LocalSGDStrategy(ReplicaStrategy):
         fedau_cutoff: int | None = None,
         merge: str | Merge = "mean",
         compressor: Compressor | str | None = None,
+        selection: ReplicaSelection | None = None,
         **kwargs: Any,
     ) -> None:
         self.compressor = get_compressor(compressor)
+        if selection is not None:
+            if not isinstance(selection, ReplicaSelection):
+                raise ValueError(
+                    f"`selection` must be a lightning_fedopt.data.ReplicaSelection or None, got {selection!r}"
+                )
+            if not (isinstance(participation, (int, float)) and not isinstance(participation, bool)) or not (
+                0.0 < float(participation) < 1.0
+            ):
+                raise ValueError(
+                    f"`selection` chooses a fraction of the replicas: `participation` must be in (0, 1), "
+                    f"got {participation!r}"
+                )
         if weighting not in _WEIGHTING:
             raise ValueError(f"`weighting` must be one of {_WEIGHTING}, got {weighting!r}")
         if isinstance(participation, (int, float)) and not isinstance(participation, bool):
@@ -228,6 +248,12 @@ class LocalSGDStrategy(ReplicaStrategy):
         self.adaptive_weights = bool(adaptive_weights)
         self.server_lr = float(server_lr)
         self.fedau_cutoff = fedau_cutoff
+        self.selection = selection
+        #: per round with ``selection``: the replicas' mean losses and the chosen participants
+        self.selection_history: list[dict[str, Any]] = []
+        # this round's training losses: a running sum on the device (no per-step sync) and a count
+        self._round_loss_sum: Tensor | None = None
+        self._round_loss_count = 0
         self._global: list[Tensor] = []
         self._fedau: FedAUState | None = None
 
@@ -275,12 +301,20 @@ class LocalSGDStrategy(ReplicaStrategy):
         state = super().replica_state_dict()
         if self.compressor is not None:  # error feedback differs between replicas
             state["compressor"] = self.compressor.state_dict()
+        if self.selection is not None:
+            total = self._round_loss_sum
+            state["round_loss"] = (None if total is None else total.cpu(), self._round_loss_count)
+            state["selection_history"] = list(self.selection_history)
         return state
 
     def load_replica_state_dict(self, state: dict[str, Any]) -> None:
         super().load_replica_state_dict(state)
         if self.compressor is not None and "compressor" in state:
             self.compressor.load_state_dict(state["compressor"])
+        if self.selection is not None and "round_loss" in state:
+            total, self._round_loss_count = state["round_loss"]
+            self._round_loss_sum = None if total is None else total.to(self.root_device)
+            self.selection_history = list(state.get("selection_history", []))
 
     @property
     def compression_ratio(self) -> float | None:
@@ -299,11 +333,43 @@ class LocalSGDStrategy(ReplicaStrategy):
         super().final_sync()
 
     # ---------------------------------------------------------------- the round
-    def participants(self, round_index: int) -> list[int]:
-        """Replicas taking part in round ``round_index`` (identical on every rank)."""
-        return choose_participants(
-            round_index, self.outer_world_size, self.participation, self.participation_seed
-        )
+    def participants(self, round_index: int, losses: Sequence[float] | None = None) -> list[int]:
+        """Replicas taking part in round ``round_index`` (identical on every rank).
+
+        With ``selection``, ``losses`` are every replica's mean loss in the round (by outer rank).
+        """
+        if self.selection is None:
+            return choose_participants(
+                round_index, self.outer_world_size, self.participation, self.participation_seed
+            )
+        if losses is None:
+            raise ValueError("`losses` are needed to select participants by loss")
+        assert isinstance(self.participation, float)
+        k = max(1, round(self.participation * self.outer_world_size))
+        module = self.lightning_module
+        total = module.trainer.estimated_stepping_batches if module is not None and module._trainer else 0
+        total = int(total) if math.isfinite(total) else 0
+        return self.selection.select(losses, k, round_index, self.replica_step, total)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        if self.selection is not None and not self._skip_step:
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if isinstance(loss, Tensor) and loss.numel() == 1:
+                value = loss.detach().reshape(()).to(torch.float64)
+                self._round_loss_sum = value if self._round_loss_sum is None else self._round_loss_sum + value
+                self._round_loss_count += 1
+        return out
+
+    def _round_losses(self) -> list[float]:
+        """Every replica's mean training loss in this round (one all-gather), then a fresh round."""
+        if self._round_loss_sum is None or self._round_loss_count == 0:
+            mine = torch.full((1,), math.nan, dtype=torch.float64, device=self.root_device)
+        else:
+            mine = (self._round_loss_sum / self._round_loss_count).reshape(1)
+        gathered = self.outer_comm.all_gather(mine, purpose="control").wait()
+        self._round_loss_sum, self._round_loss_count = None, 0
+        return [float(g[0]) for g in gathered]
 
     def _weight(self) -> float:
         if self.weighting == "samples" and self._samples_since_sync > 0:
@@ -401,7 +467,14 @@ class LocalSGDStrategy(ReplicaStrategy):
             return self._sync_merge()
         tensors = self.tracked_tensors()
         round_index = self._sync_count
-        participants = self.participants(round_index)
+        if self.selection is not None:
+            losses = self._round_losses()
+            participants = self.participants(round_index, losses)
+            self.selection_history.append(
+                {"round": round_index, "losses": losses, "participants": participants}
+            )
+        else:
+            participants = self.participants(round_index)
         i_take_part = self.outer_rank in participants
         locally_finite = self.is_finite(tensors)
         info: dict[str, float] = {"participants": float(len(participants))}

@@ -644,10 +644,27 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
             opt.state.clear()
 
     # ================================================================== evaluation on the consensus
-    def _swap_in_consensus(self) -> None:
-        if self.evaluate != "consensus" or not self._algorithm_ready or self._eval_backup is not None:
+    @contextlib.contextmanager
+    def consensus_swapped(self) -> Any:
+        """Run the block with the consensus model's weights in the module, then restore the replica's.
+
+        A collective call for algorithms whose consensus needs communication (every rank must enter
+        it at the same point), used e.g. by :class:`~lightning_fedopt.callbacks.Curriculum` to score
+        samples under the consensus model. Does nothing when the consensus is already swapped in.
+        """
+        swapped = self._eval_backup is None
+        if swapped:
+            self._swap_in_consensus(force=True)
+        try:
+            yield
+        finally:
+            if swapped:
+                self._swap_out_consensus()
+
+    def _swap_in_consensus(self, force: bool = False) -> None:
+        if (not force and self.evaluate != "consensus") or not self._algorithm_ready:
             return
-        if self.local_is_consensus():
+        if self._eval_backup is not None or self.local_is_consensus():
             return
         values = self.cached_consensus_values()
         with torch.no_grad():
@@ -735,8 +752,19 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
             }
+            # callbacks whose state differs between replicas (a curriculum's per-rank scores) keep
+            # this rank's copy here; the checkpoint file itself holds rank 0's
+            keys = self._per_replica_callback_keys()
+            shard["callbacks"] = {k: v for k, v in checkpoint.get("callbacks", {}).items() if k in keys}
             self.checkpoint_io.save_checkpoint(shard, replica_shard_path(filepath, self.global_rank))
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _per_replica_callback_keys(self) -> set[str]:
+        """State keys of the Trainer's callbacks that declare ``per_replica_state = True``."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None:
+            return set()
+        return {cb.state_key for cb in trainer.callbacks if getattr(cb, "per_replica_state", False)}
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = os.fspath(filepath)
@@ -779,6 +807,8 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
                     "folder along with the checkpoint"
                 )
             self._resume_shard = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+            if self._resume_shard.get("callbacks"):
+                checkpoint.setdefault("callbacks", {}).update(self._resume_shard["callbacks"])
         elif meta.get("replica_shards"):
             log.warning(
                 "lightning_fedopt: checkpoint was written by %d replicas, resuming with %d; every replica "

@@ -1,0 +1,267 @@
+"""Curriculum ordering of each replica's partition: order, pacing, per-rank independence, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import fit_fork, trainer_kwargs
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_fedopt as lf
+from lightning_fedopt.data import Dirichlet, Pacing, PartitionSampler, order_by_scores, partition_dataloader
+
+N, CLASSES, BATCH = 240, 3, 8
+PARTITION = Dirichlet(alpha=0.5, min_size=20, seed=3)
+
+
+def make_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % CLASSES
+    x = torch.randn(N, 4, generator=g) + y[:, None].float()
+    return TensorDataset(x, y, torch.arange(N))
+
+
+def given_scores(seed: int = 0) -> torch.Tensor:
+    return torch.rand(N, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+
+
+class IndexedModule(L.LightningModule):
+    """A linear classifier that records the data-set indices of every training batch it sees."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, CLASSES)
+        self.lr = lr
+        self.data = make_data()
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def score_samples(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return partition_dataloader(self.data, PARTITION, trainer=self.trainer, batch_size=BATCH, seed=5)
+
+
+class SaveSeen(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"seen": pl_module.seen, "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()}},
+            self.out / f"seen{trainer.global_rank}.pt",
+        )
+
+
+def load_seen(out: Path, n: int) -> list[dict[str, Any]]:
+    return [torch.load(Path(out) / f"seen{r}.pt", weights_only=False) for r in range(n)]
+
+
+def expected_batches(
+    rank: int, scores: torch.Tensor, ordering: str, pacing: Pacing, steps: int
+) -> list[list[int]]:
+    """Single-process reconstruction of what rank ``rank`` draws: its own part, its own scores."""
+    data = make_data()
+    labels = data.tensors[1].numpy()
+    sampler = PartitionSampler(data, PARTITION.split(labels, 2), rank, batch_size=BATCH, seed=5)
+    order = order_by_scores(scores[sampler.part], ordering)
+    sampler.set_curriculum(order, pacing, total_batches=steps)
+    return [
+        sampler.batch_indices(t // sampler.num_batches, t % sampler.num_batches).tolist()
+        for t in range(steps)
+    ]
+
+
+def fit_single(callbacks: list[Any], steps: int = 12) -> IndexedModule:
+    module = IndexedModule()
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs(devices=1, max_steps=steps))
+    trainer.fit(module)
+    return module
+
+
+@pytest.mark.parametrize("ordering", ["curriculum", "anti"])
+def test_first_batches_have_the_lowest_or_highest_scores(ordering):
+    scores = given_scores()
+    cb = lf.callbacks.Curriculum("given", ordering, "linear", a=1.0, b=0.1, scores=scores)
+    module = fit_single([cb], steps=12)
+    ranked = torch.argsort(scores if ordering == "curriculum" else -scores)
+    # pacing: bN = 24 samples visible at t=0, growing by (N - bN)/T = 18 per batch
+    for t, batch in enumerate(module.seen[:4]):
+        visible = int(N * min(1.0, 0.1 + 0.9 * t / 12))
+        allowed = set(ranked[:visible].tolist())
+        assert set(batch) <= allowed, (t, visible)
+    first = scores[torch.tensor(module.seen[0])].mean()
+    assert (first < 0.15) if ordering == "curriculum" else (first > 0.85)
+    assert cb.history and cb.history[0]["curriculum/scorings"] == 1.0
+
+
+def test_local_scores_under_the_module_hook_and_cost_logged(tmp_path):
+    cb = lf.callbacks.Curriculum("local", "curriculum", "root", a=0.5, b=0.2, rescore_every=1, batch_size=50)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    module = IndexedModule()
+    trainer = L.Trainer(
+        callbacks=[cb], **trainer_kwargs(devices=1, max_steps=70, logger=logger, log_every_n_steps=5)
+    )
+    trainer.fit(module)
+    # 30 batches per epoch: scored at the start of epochs 0, 1 and 2, each over the whole part
+    assert cb.n_scorings == 3 and cb.score_samples == 3 * N and cb.score_seconds > 0
+    with torch.no_grad():  # the last scores are the module's own per-sample losses at that time
+        assert cb.scores is not None and cb.scores.shape == (N,)
+    metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "curriculum/score_seconds" in metrics and "curriculum/visible_fraction" in metrics
+
+
+def test_score_function_with_the_wrong_shape_is_a_clear_error():
+    bad = lf.callbacks.Curriculum("local", score_fn=lambda m, b: torch.zeros(len(b[0]), 2))
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(240, 2\) for a batch of 240 samples; it must return one score per sample, shape \(240,\)",
+    ):
+        fit_single([bad])
+    bad2 = lf.callbacks.Curriculum("local", score_fn=lambda m, b: [0.0] * len(b[0]))
+    with pytest.raises(ValueError, match="must return a Tensor"):
+        fit_single([bad2])
+
+
+def test_bad_arguments():
+    C = lf.callbacks.Curriculum
+    with pytest.raises(ValueError, match="score_by"):
+        C("loss")
+    with pytest.raises(ValueError, match="ordering"):
+        C("local", "hard_first")
+    with pytest.raises(ValueError, match="pacing"):
+        C("local", pacing="cubic")
+    with pytest.raises(ValueError, match="pacing parameter `a`"):
+        C("local", a=0)
+    with pytest.raises(ValueError, match="pacing parameter `b`"):
+        C("local", b=1.5)
+    with pytest.raises(ValueError, match="rescore_every"):
+        C("local", rescore_every=0)
+    with pytest.raises(ValueError, match="scores="):
+        C("given")
+    with pytest.raises(ValueError, match="reference="):
+        C("reference")
+
+
+def test_needs_a_partition_sampler():
+    class Plain(IndexedModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.data, batch_size=BATCH)
+
+    trainer = L.Trainer(
+        callbacks=[lf.callbacks.Curriculum("local")], **trainer_kwargs(devices=1, max_steps=2)
+    )
+    with pytest.raises(ValueError, match="partition_dataloader"):
+        trainer.fit(Plain())
+
+
+def test_each_rank_orders_only_its_own_partition(tmp_path):
+    """2 real processes: each rank's batches equal a single-process reconstruction from its own
+    part and its own scores; changing the other rank's scores leaves a rank's order unchanged."""
+    steps, pacing = 20, Pacing("linear", a=1.0, b=0.2)
+    labels = make_data().tensors[1].numpy()
+    part1 = torch.as_tensor(PARTITION.split(labels, 2)[1])
+
+    def run(out: Path, scores: torch.Tensor) -> list[list[list[int]]]:
+        cb = lf.callbacks.Curriculum("given", "curriculum", pacing, scores=scores)
+        fit_fork(
+            out,
+            IndexedModule(),
+            lf.LocalSGDStrategy(sync_every=4, start_method="fork"),
+            callbacks=[cb, SaveSeen(out)],
+            max_steps=steps,
+        )
+        return [r["seen"] for r in load_seen(out, 2)]
+
+    scores = given_scores()
+    seen = run(tmp_path / "a", scores)
+    for r in range(2):
+        assert seen[r] == expected_batches(r, scores, "curriculum", pacing, steps)
+    other = scores.clone()
+    other[part1] = torch.rand(len(part1), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    seen2 = run(tmp_path / "b", other)
+    assert seen2[0] == seen[0]  # rank 0's order depends only on rank 0's samples' scores
+    assert seen2[1] != seen[1]
+    assert seen2[1] == expected_batches(1, other, "curriculum", pacing, steps)
+
+
+def test_resume_mid_epoch_continues_the_same_order(tmp_path):
+    """Local scores differ per rank (each replica's own model), re-scored every epoch; a run resumed
+    from a mid-epoch checkpoint draws the batches, and ends with the weights, of the uninterrupted run."""
+    total, at = 40, 22  # 15 batches per epoch: the checkpoint is at batch 7 of epoch 1
+
+    def curriculum() -> lf.callbacks.Curriculum:
+        return lf.callbacks.Curriculum(
+            "local", "anti", "quad", a=0.8, b=0.3, rescore_every=1, total_steps=total
+        )
+
+    def strategy() -> lf.LocalSGDStrategy:
+        return lf.LocalSGDStrategy(sync_every=5, final_sync=False, start_method="fork")
+
+    fit_fork(
+        tmp_path / "full",
+        IndexedModule(),
+        strategy(),
+        callbacks=[curriculum(), SaveSeen(tmp_path / "full")],
+        max_steps=total,
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1, filename="mid")
+    fit_fork(
+        tmp_path / "first",
+        IndexedModule(),
+        strategy(),
+        callbacks=[curriculum(), ckpt],
+        max_steps=at,
+        enable_checkpointing=True,
+    )
+    path = tmp_path / "ckpt" / "mid.ckpt"
+    shards = [torch.load(f"{path}.replicas/rank{r}.pt", weights_only=False)["callbacks"] for r in range(2)]
+    orders = [next(iter(s.values()))["order"] for s in shards]
+    assert not torch.equal(orders[0], orders[1])  # per-rank state, kept in each rank's shard
+    trainer = L.Trainer(
+        strategy=strategy(),
+        callbacks=[curriculum(), SaveSeen(tmp_path / "resumed")],
+        **trainer_kwargs(devices=2, max_steps=total),
+    )
+    trainer.fit(IndexedModule(), ckpt_path=str(path))
+    full, resumed = load_seen(tmp_path / "full", 2), load_seen(tmp_path / "resumed", 2)
+    for r in range(2):
+        assert len(resumed[r]["seen"]) == total - at
+        assert resumed[r]["seen"] == full[r]["seen"][at:]
+        for k, v in full[r]["state_dict"].items():
+            assert torch.equal(resumed[r]["state_dict"][k], v), k
+
+
+def test_partition_sampler_is_left_in_place_by_lightning(tmp_path):
+    """With use_distributed_sampler=True (the default) Lightning keeps the PartitionSampler: each
+    rank draws only from its own part."""
+    fit_fork(
+        tmp_path,
+        IndexedModule(),
+        lf.LocalSGDStrategy(sync_every=4, start_method="fork"),
+        callbacks=[SaveSeen(tmp_path)],
+        max_steps=10,
+    )
+    labels = make_data().tensors[1].numpy()
+    parts = PARTITION.split(labels, 2)
+    for r, rec in enumerate(load_seen(tmp_path, 2)):
+        drawn = np.unique(np.concatenate(rec["seen"]))
+        assert set(drawn.tolist()) <= set(parts[r].tolist())
