@@ -106,13 +106,71 @@ def test_topk_exact_without_feedback():
     assert float((x - y).norm() ** 2) <= (1 - k / 5000) * float(x.norm() ** 2)
 
 
-def test_topk_sampled_threshold_gives_exactly_k_of_the_largest():
-    """Sampling path (n large): exactly k values, and they are the k largest (candidates >= k)."""
+def _spy_topk_selection(monkeypatch):
+    """Record every ``compact_above(x, threshold)`` call of TopK's sampled threshold as (threshold,
+    entries passing) and the sizes of the tensors torch.topk runs on (the exact fallback runs on all n)."""
+    from lightning_fedopt.compression import kernels
+
+    thresholds: list[tuple[float, int]] = []
+    topk_sizes: list[int] = []
+    compact, topk = kernels.compact_above, torch.topk
+
+    def spy_compact(x, threshold):
+        idx, vals = compact(x, threshold)
+        thresholds.append((float(threshold), idx.numel()))
+        return idx, vals
+
+    def spy_topk(t, *args, **kwargs):
+        topk_sizes.append(t.numel())
+        return topk(t, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "compact_above", spy_compact)
+    monkeypatch.setattr(torch, "topk", spy_topk)
+    return thresholds, topk_sizes
+
+
+def test_topk_sampled_threshold_gives_exactly_k_of_the_largest(monkeypatch):
+    """Sampling path (n large): exactly k values, and they are the k largest (candidates >= k).
+    The threshold really came from the sample: compact_above ran and no top-k ran over all n."""
     x = _x(200_000, seed=5)
     c = TopK(density=0.001, error_feedback=False, sample_fraction=0.01)
+    thresholds, topk_sizes = _spy_topk_selection(monkeypatch)
     idx = c.compress(x).tensors[1]
+    assert thresholds and thresholds[-1][1] >= 200, thresholds
+    assert 200_000 not in topk_sizes and max(topk_sizes) < 200_000 // 10, topk_sizes
     assert idx.numel() == 200
     assert set(idx.tolist()) == set(torch.topk(x.abs(), 200).indices.tolist())
+
+
+def test_topk_heavy_tail_lowers_the_sampled_threshold(monkeypatch):
+    """Heavy tail: 200 outliers (1000-1099) over N(0, 1) noise, k = 200, every 100th entry sampled
+    (k_s = 2). Each run of 100 outliers holds exactly one sampled entry, ordered up in one run and
+    down in the other, so the sample's 2nd largest overshoots the true 200th for all but 2 of the
+    100 sample offsets: fewer than k entries pass, and the threshold drops x0.8 until they do.
+    The result is still exactly the k largest, without the fallback top-k over all n."""
+    n, k = 200_000, 200
+    x = _x(n, seed=7)
+    ramp = torch.arange(100, dtype=torch.float32)
+    x[:100] = 1000 + ramp
+    x[100_000:100_100] = -(1099 - ramp)  # negative: magnitudes count
+    expected = set(range(100)) | set(range(100_000, 100_100))
+    looped = 0
+    for key in ("a", "b", "c", "d"):  # different keys sample at different offsets
+        thresholds, topk_sizes = _spy_topk_selection(monkeypatch)
+        c = TopK(density=k / n, error_feedback=False, sample_fraction=0.01)
+        p = c.compress(x, key)
+        monkeypatch.undo()
+        assert set(p.tensors[1].tolist()) == expected and p.tensors[0].numel() == k, key
+        assert n not in topk_sizes, "the sampled threshold path, not the exact fallback"
+        (t0, c0), *rest = thresholds
+        assert 1000 <= t0 <= 1099, thresholds  # from the sample: one of the outliers
+        if c0 < k:
+            looped += 1
+            assert rest, thresholds
+            for (prev, _), (t, _) in zip(thresholds, rest):
+                assert t == pytest.approx(0.8 * prev, rel=1e-12)
+            assert [cnt >= k for _, cnt in thresholds] == [False] * len(rest) + [True]
+    assert looped >= 3, "the outliers force the x0.8 adjustment for almost every offset"
 
 
 def test_topk_dgc_momentum_correction_and_masking():
