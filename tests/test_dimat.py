@@ -137,3 +137,78 @@ def test_dimat_beats_plain_averaging_on_digits():
         f"val loss: a {loss(a):.3f}, b {loss(b):.3f}, plain average {loss(plain):.3f}, DIMAT {loss(merged):.3f}"
     )
     assert loss(merged) < 0.7 * loss(plain)
+
+
+def _bn_mlp(seed):
+    torch.manual_seed(seed)
+    return _randomise_bn(
+        nn.Sequential(
+            nn.Linear(6, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Linear(16, 12),
+            nn.BatchNorm1d(12),
+            nn.Tanh(),
+            nn.Linear(12, 3),
+        )
+    )
+
+
+def _pre_bn_batch_stats(net, batches):
+    """Written out: each batch through ``net`` in training mode (every BatchNorm normalises with the
+    batch's own mean and biased variance); per BatchNorm, the batch means and unbiased variances of
+    its input (the pre-BN activations), in float64."""
+    stats = {}
+    for x in batches:
+        h = x.double()
+        for i, m in enumerate(net):
+            if isinstance(m, nn.BatchNorm1d):
+                mean, var = h.mean(0), h.var(0, unbiased=True)
+                stats.setdefault(i, []).append((mean, var))
+                h = (h - mean) / torch.sqrt(h.var(0, unbiased=False) + m.eps)
+                h = h * m.weight.double() + m.bias.double()
+            elif isinstance(m, nn.Linear):
+                h = h @ m.weight.double().T + m.bias.double()
+            else:
+                h = m(h)
+    return stats
+
+
+def test_merge_reestimates_batchnorm_statistics_on_the_inputs():
+    """After dimat_merge of two BatchNorm MLPs, every BatchNorm's running statistics are those of its
+    pre-BN activations in the *merged* net on the inputs: with momentum=None (cumulative) over three
+    equal batches, running_mean = the mean of the batch means, running_var = the mean of the batch
+    unbiased variances; one tensor of inputs gives its unbiased variance. Momentum and mode are restored."""
+    a, b = _bn_mlp(0).eval(), _bn_mlp(1).eval()
+    g = torch.Generator().manual_seed(3)
+    # batches with very different statistics: an exponential moving average would weigh the last one
+    batches = [torch.randn(64, 6, generator=g) * s + s for s in (0.5, 1.0, 3.0)]
+    merged = dimat_merge([a, b], batches)
+    stats = _pre_bn_batch_stats(merged, batches)
+    norms = [(i, m) for i, m in enumerate(merged) if isinstance(m, nn.BatchNorm1d)]
+    assert [i for i, _ in norms] == sorted(stats) == [1, 4]
+    for i, m in norms:
+        means = torch.stack([s[0] for s in stats[i]])
+        variances = torch.stack([s[1] for s in stats[i]])
+        torch.testing.assert_close(m.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var.double(), variances.mean(0), rtol=1e-5, atol=1e-6)
+        assert int(m.num_batches_tracked) == 3 and m.momentum == 0.1
+        # not the averaged (aligned) statistics of a and b, nor a momentum-0.1 running average
+        assert (
+            m.running_mean.double() - (a[i].running_mean.double() + b[i].running_mean.double()) / 2
+        ).abs().max() > 0.1
+        ema_mean = torch.zeros_like(means[0])
+        for mu in means:
+            ema_mean = 0.9 * ema_mean + 0.1 * mu
+        assert (m.running_mean.double() - ema_mean).abs().max() > 0.1
+    assert not merged.training  # the mode it had (re-estimation ran in training mode)
+    # one tensor of inputs: the statistics of all of them
+    x = torch.cat(batches)
+    single = dimat_merge([a, b], x)
+    stats = _pre_bn_batch_stats(single, [x])
+    for i, m in enumerate(single):
+        if isinstance(m, nn.BatchNorm1d):
+            ((mean, var),) = stats[i]
+            torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.running_var.double(), var, rtol=1e-5, atol=1e-6)
+            assert int(m.num_batches_tracked) == 1
