@@ -100,6 +100,7 @@ def reference_choco(
     gossip_steps: int = 1,
     lr: float = 0.1,
     nan_at: tuple[int, int] | None = None,
+    global_merge_from: int | None = None,
     final_average: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """CHOCO-SGD (Koloskova et al., ICML 2019, Algorithm 2), written out with one public copy
@@ -111,6 +112,8 @@ def reference_choco(
 
     ``nan_at=(r, s)``: replica ``r``'s loss is NaN at step ``s``; until it is reset it sends no
     message (its copy stays) and it restarts from ``x_hat_r + gamma * sum_j W_rj (x_hat_j - x_hat_r)``.
+    From step ``global_merge_from`` on a round is the exact mean of all replicas, and every copy
+    restarts from it.
     """
     nets = [make_net(0) for _ in range(n_replicas)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in nets]
@@ -129,6 +132,14 @@ def reference_choco(
             loss.backward()
             opts[r].step()
         if not should_gossip(step + 1):
+            continue
+        if global_merge_from is not None and step + 1 >= global_merge_from:
+            with torch.no_grad():
+                mean = [sum(params[r][i] for r in range(n_replicas)) / n_replicas for i in range(len(names))]
+                for r in range(n_replicas):
+                    for p, v in zip(params[r], mean):
+                        p.copy_(v)
+                hat = [[v.clone() for v in mean] for _ in range(n_replicas)]
             continue
         for _ in range(gossip_steps):
             with torch.no_grad():

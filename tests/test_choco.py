@@ -8,7 +8,7 @@ import pytest
 import torch
 from gossip_reference import reference_choco, reference_gossip
 from helpers import TIMEOUT, KnownBatchModule, SaveFinal, assert_close_state, fit_fork, load_ranks, make_net
-from test_gossip import PAYLOAD, CountDistCalls, ring_matrix
+from test_gossip import PAYLOAD, CountDistCalls, SaveHistory, ring_matrix
 
 import lightning_fedopt as lf
 from lightning_fedopt.compression import (
@@ -172,6 +172,39 @@ def test_reference_fp16_with_gamma_one_is_close_to_plain_gossip():
         return sum((states[0][k] - states[2][k]).norm() for k in states[0])
 
     assert spread(slow) > spread(plain)
+
+
+def test_merge_from_switches_to_exact_global_merges_and_monitor_reports_the_ratio(tmp_path):
+    """A Single Merging Suffices with compressed gossip: int4 CHOCO rounds until 60% of training,
+    then exact global merges; the CommunicationMonitor logs the messages' compression ratio."""
+    from lightning_fedopt.callbacks import CommunicationMonitor
+    from lightning_fedopt.compression import Int4
+
+    w = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    monitor = CommunicationMonitor()
+    ranks = fit_fork(
+        tmp_path / "out",
+        KnownBatchModule(),
+        gossip(
+            w, gossip_every=2, compressor=Int4(block=16), consensus_lr=0.8, merge_from=0.6, final_sync=False
+        ),
+        n=3,
+        max_steps=10,
+        callbacks=[monitor, SaveHistory(monitor, tmp_path / "hist")],
+    )
+    ref = reference_choco(3, 10, lambda s: s % 2 == 0, w, lambda: Int4(block=16), 0.8, global_merge_from=6)
+    for r in range(3):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    torch.testing.assert_close(ranks[0]["state_dict"], ranks[2]["state_dict"], rtol=0, atol=0)
+    per_message = message_nbytes(Int4(block=16))  # 32 + 8 + 8 + 1 code bytes, 7 scales, 1 flag
+    assert per_message == 78
+    assert sent_bytes(ranks[0]) == 2 * 2 * per_message  # 2 compressed rounds to 2 neighbours
+    rows = [
+        h
+        for h in torch.load(tmp_path / "hist" / "hist0.pt", weights_only=False)
+        if "comm/compression_ratio" in h
+    ]
+    assert rows and rows[-1]["comm/compression_ratio"] == pytest.approx(388 / 78)
 
 
 def test_resume_mid_round_is_exact(tmp_path):
