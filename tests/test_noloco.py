@@ -68,6 +68,7 @@ def test_noloco_final_average_and_nan(tmp_path):
         ({"sync_every": 0}, "sync_every"),
         ({"outer_lr": 0}, "outer_lr"),
         ({"outer_momentum": 1.0}, "outer_momentum"),
+        ({"compressor": "int8"}, "compressor"),
     ],
 )
 def test_bad_arguments(kwargs, name):

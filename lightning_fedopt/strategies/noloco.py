@@ -14,6 +14,13 @@ the permutation sits the round out). Each pair exchanges its tensors point-to-po
 Buffers (BatchNorm statistics) are averaged within the group. Nothing is broadcast or
 all-reduced during training: Lightning's SIGTERM flag is checked on each rank by itself.
 Evaluation and the final model use the mean of all replicas (an all-reduce at those points only).
+
+No ``compressor=``: a pair's message is mostly absolute state (the partner's global weights
+``phi_j``; equivalently its model, since ``g + phi_bar`` is the group's mean model), and partners
+change every round, so there is no copy both sides share to send differences against (CHOCO's
+public copies need fixed neighbours, :class:`~lightning_fedopt.strategies.gossip.GossipStrategy`)
+and no fixed receiver for error feedback to compensate. Only the progress half is an increment
+that compresses well, which would save less than 2x.
 """
 
 from __future__ import annotations
@@ -99,6 +106,12 @@ class NoLoCoStrategy(ReplicaStrategy):
             raise ValueError(f"`outer_lr` (alpha) must be a finite number > 0, got {outer_lr!r}")
         if not (isinstance(outer_momentum, (int, float)) and 0.0 <= float(outer_momentum) < 1.0):
             raise ValueError(f"`outer_momentum` (beta) must be in [0, 1), got {outer_momentum!r}")
+        if kwargs.pop("compressor", None) is not None:
+            raise ValueError(
+                "`compressor` is not supported by NoLoCoStrategy: its messages are the partners' global "
+                "weights and partners change every round, so there is nothing shared to compress against "
+                "(see the module doc); GossipStrategy(compressor=...) compresses gossip on a static topology"
+            )
         if kwargs.get("group_size", 1) != 1:
             raise ValueError("`group_size` > 1 is not supported by NoLoCoStrategy (it has no all-reduce)")
         super().__init__(sync_every, **kwargs)
