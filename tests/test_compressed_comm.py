@@ -3,6 +3,7 @@ reference of the same collective, the true mean and the byte counts."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from datetime import timedelta
@@ -14,11 +15,30 @@ import torch.multiprocessing as mp
 from helpers import _chunk_len, simulate_all_reduce_compressed
 
 from lightning_fedopt.comm import Communicator
-from lightning_fedopt.compression import Compressor, ErrorControl, get_compressor
+from lightning_fedopt.compression import (
+    Compressor,
+    ErrorControl,
+    RandomProjection,
+    Sign,
+    TopK,
+    get_compressor,
+)
 
 SPECS = ["int8", "int4", "sign", "topk", "fp16", "bf16", "randomprojection", "errorcontrol"]
 ROUNDS = 3
 NAMES = ["w", "b"]
+LONG_ROUNDS = 40  # the error-feedback compressors' running sums against the true means'
+LONG = {
+    "sign": Sign,
+    "topk": lambda: TopK(density=0.1),  # no momentum: what is sent tracks the inputs themselves
+    "errorcontrol": lambda: ErrorControl(TopK(density=0.2), eta=0.2),
+    "randomprojection": lambda: RandomProjection(ratio=0.3),
+}
+
+
+def long_tensors(rank: int, rnd: int) -> list[torch.Tensor]:
+    """Inputs with a persistent component (+1) that a lossy compressor without feedback would distort."""
+    return [t + 1.0 for t in rank_tensors(rank, 100 + rnd)]
 
 
 def make_compressor(spec: str) -> Compressor:
@@ -59,6 +79,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             comm.all_reduce_compressed(ts, c, names=NAMES, purpose="sync")
             rounds.append([t.clone() for t in ts])
         res[spec] = {"rounds": rounds, "stats": comm.stats.state_dict(), "ratio": comm.compression_ratio}
+    for spec, make in LONG.items():
+        comm, c = Communicator(), make()
+        rounds = []
+        for rnd in range(LONG_ROUNDS):
+            ts = long_tensors(rank, rnd)
+            comm.all_reduce_compressed(ts, c, names=NAMES, purpose="sync")
+            rounds.append(ts)
+        res[f"long_{spec}"] = rounds
     # a NaN on the last rank: it is left out, the others' mean comes back everywhere
     comm = Communicator()
     ts = rank_tensors(rank, 0)
@@ -87,10 +115,21 @@ def reference(spec: str, world: int) -> list[list[torch.Tensor]]:
     ]
 
 
+_RESULTS: dict[int, list[dict]] = {}
+
+
+def run_ranks(tmp_path_factory, world: int) -> list[dict]:
+    """What every rank of :func:`_worker` ended with (run once per world size for this module)."""
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"world{world}")
+        mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="fork")
+        _RESULTS[world] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return _RESULTS[world]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_compressed_all_reduce(tmp_path, world):
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def test_compressed_all_reduce(tmp_path_factory, world):
+    ranks = run_ranks(tmp_path_factory, world)
     for spec in SPECS:
         ref = reference(spec, world)
         for rnd in range(ROUNDS):
@@ -144,6 +183,98 @@ def test_compressed_all_reduce(tmp_path, world):
     mean = sum(good) / len(good)
     amax = max(float(g.abs().max()) for g in good)
     assert float((ranks[0]["nan"]["tensors"][0] - mean).abs().max()) <= amax / 127 * (1 + 1e-4)
+
+
+def _scaled_sign(y: torch.Tensor) -> torch.Tensor:
+    """1-bit Adam's compressor written out: ||y||_2 / sqrt(n) * sign(y), sign(0) = +1."""
+    return torch.where(y >= 0, 1.0, -1.0).double() * y.double().norm() / math.sqrt(y.numel())
+
+
+def _sign_all_reduce_first_round(xs: list[torch.Tensor], world: int) -> torch.Tensor:
+    """The chunked 1-bit all-reduce with empty error buffers, from the paper's formulas: chunk j of
+    every rank is sign-compressed, rank j averages and sign-compresses the mean again."""
+    n = xs[0].numel()
+    chunk = _chunk_len(n, world, 8)
+    padded = [torch.cat([x.reshape(-1).float(), torch.zeros(chunk * world - n)]) for x in xs]
+    out = []
+    for j in range(world):
+        parts = [p[j * chunk : (j + 1) * chunk] for p in padded]
+        out.append(_scaled_sign(sum(_scaled_sign(y) for y in parts) / world))
+    return torch.cat(out)[:n].view(xs[0].shape)
+
+
+def _topk_dense(x: torch.Tensor, k: int) -> torch.Tensor:
+    flat = x.reshape(-1).double()
+    out = torch.zeros_like(flat)
+    idx = torch.topk(flat.abs(), k).indices
+    out[idx] = flat[idx]
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_compressed_all_reduce_against_the_true_mean(tmp_path_factory, world):
+    """Bounds against the exact mean, from the compressors' own theory rather than from the package's
+    code (the simulation above uses its compressors, so it would share their bugs):
+
+    * first round (no error buffers yet): 1-bit sign equals the two-stage chunked formula; top-k and
+      EControl equal the mean of each rank's exact top-k (torch.topk), so their error is at most
+      ``sqrt(1 - k/n)`` times the mean input norm (top-k is contractive);
+    * random projection is linear with directions shared by all ranks: every round equals
+      ``P^T P mean`` (one projection of the true mean), and ``<got, mean> = ||P mean||^2 > 0``;
+    * over 40 rounds with a persistent component, error feedback makes the running sum of the results
+      track the running sum of the true means (the gap is the bounded residual): < 15%, and under a
+      quarter of the first round's error; random projection's long-run error is within twice its
+      theoretical standard deviation ``sqrt(sum_t (n+1)/k ||mean_t||^2)`` and well under the sum."""
+    ranks = run_ranks(tmp_path_factory, world)
+    inputs = [[rank_tensors(r, rnd) for r in range(world)] for rnd in range(ROUNDS)]
+    true_mean = [[sum(x[i].double() for x in per) / world for i in range(2)] for per in inputs]
+    first = inputs[0]
+    for i in range(2):
+        xs = [x[i] for x in first]
+        n = xs[0].numel()
+        mean = true_mean[0][i]
+        # sign
+        got = ranks[0]["sign"]["rounds"][0][i].double()
+        torch.testing.assert_close(got, _sign_all_reduce_first_round(xs, world), rtol=1e-5, atol=1e-6)
+        # top-k (k = ceil(0.1 n)) and EControl around the default top-k (k = ceil(0.001 n) = 1)
+        for spec, k in (("topk", math.ceil(0.1 * n)), ("errorcontrol", 1)):
+            got = ranks[0][spec]["rounds"][0][i].double()
+            expected = sum(_topk_dense(x, k) for x in xs) / world
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=f"{spec} t{i}")
+            bound = math.sqrt(1 - k / n) * sum(float(x.double().norm()) for x in xs) / world
+            assert float((got - mean).norm()) <= bound * (1 + 1e-6), (spec, i)
+    # random projection: one projection of the true mean, every round
+    rp = make_compressor("randomprojection")
+    for rnd in range(ROUNDS):
+        for i, name in enumerate(NAMES):
+            mean = true_mean[rnd][i]
+            got = ranks[0]["randomprojection"]["rounds"][rnd][i].double()
+            projected = rp.decompress(rp.compress(mean.float(), name)).double()
+            torch.testing.assert_close(got, projected, rtol=1e-4, atol=1e-5)
+            assert float((got * mean).sum()) > 0
+    # long run
+    for spec in LONG:
+        got_sum, mean_sum, variance, gaps = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], []
+        for rnd in range(LONG_ROUNDS):
+            row = []
+            for i in range(2):
+                mean = sum(long_tensors(r, rnd)[i].double() for r in range(world)) / world
+                got = ranks[0][f"long_{spec}"][rnd][i].double()
+                for r in range(1, world):
+                    assert torch.equal(ranks[r][f"long_{spec}"][rnd][i], ranks[0][f"long_{spec}"][rnd][i])
+                got_sum[i] = got_sum[i] + got
+                mean_sum[i] = mean_sum[i] + mean
+                n = mean.numel()
+                variance[i] += (n + 1) / math.ceil(0.3 * n) * float(mean.norm() ** 2)
+                row.append(float((got_sum[i] - mean_sum[i]).norm() / mean_sum[i].norm()))
+            gaps.append(row)
+        for i in range(2):
+            if spec == "randomprojection":  # unbiased, no feedback: the error of the sum grows like sqrt(T)
+                err = float((got_sum[i] - mean_sum[i]).norm())
+                assert err <= 2 * math.sqrt(variance[i]), (spec, i, err, math.sqrt(variance[i]))
+                assert gaps[-1][i] < 0.5, (spec, i, gaps[-1][i])
+            else:
+                assert gaps[-1][i] < 0.15 and gaps[-1][i] < gaps[0][i] / 4, (spec, i, gaps[0][i], gaps[-1][i])
 
 
 def test_single_process_goes_through_the_compressor():
