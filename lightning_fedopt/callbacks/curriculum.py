@@ -219,6 +219,13 @@ class Curriculum(Callback):
                 self.scored_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader, sampler = find_partition_sampler(trainer)
+        if sampler is not self._sampler:  # reloaded dataloaders (reload_dataloaders_every_n_epochs)
+            self._loader, self._sampler = loader, sampler
+            if self.order is not None and len(self.order) == len(sampler.part):
+                self._apply()
+            else:
+                self.scored_epoch = None
         epoch = trainer.current_epoch
         due = self.scored_epoch is None or (
             self.rescore_every is not None and epoch - self.scored_epoch >= self.rescore_every

@@ -82,6 +82,7 @@ class HardBatchSelection(Callback):
         self.trained_samples = 0
         self.extra_forward_seconds = 0.0
         self.history: list[dict[str, float]] = []
+        self._last: dict[str, float] = {}
         self._module: LightningModule | None = None
         self._original: Any = None
 
@@ -149,7 +150,7 @@ class HardBatchSelection(Callback):
             "extra_forward_samples": float(self.extra_forward_samples),
             "extra_forward_seconds": self.extra_forward_seconds,
             "extra_forward_ratio": self.extra_forward_samples / max(self.trained_samples, 1),
-            **getattr(self, "_last", {}),
+            **self._last,
         }
         row = {self.prefix + k: v for k, v in row.items()}
         self.history.append({"step": float(trainer.global_step), **row})
