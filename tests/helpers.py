@@ -102,6 +102,71 @@ class SaveFinal(L.Callback):
         torch.save(payload, self.out / f"rank{trainer.global_rank}.pt")
 
 
+class CountDistCalls(L.Callback):
+    """Counts the real ``torch.distributed`` calls a rank makes between the start and the end of
+    training (each function wrapped, then called through), to check that no collective bypasses
+    comm.py and that nothing is sent where nothing should be. Writes ``<out>/calls<rank>.pt`` with
+    the counts and the rank's comm statistics before and after."""
+
+    NAMES = (
+        "broadcast",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+        "all_to_all_single",
+        "reduce",
+        "gather",
+        "scatter",
+        "barrier",
+        "all_gather_object",
+        "broadcast_object_list",
+        "gather_object",
+        "scatter_object_list",
+        "batch_isend_irecv",  # (isend/irecv themselves cannot be wrapped: P2POp checks their identity)
+        "send",
+        "recv",
+    )
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        self.calls = dict.fromkeys(self.NAMES, 0)
+        self.active = False
+        self.originals = {}
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self.originals[name] = original
+
+            def wrapper(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+                if self.active:
+                    self.calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = True
+        self.before = trainer.strategy.comm_stats.state_dict()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs before the strategy's final synchronisation
+        import torch.distributed as dist
+
+        self.active = False
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+        torch.save(
+            {"calls": self.calls, "before": self.before, "after": trainer.strategy.comm_stats.state_dict()},
+            self.out / f"calls{trainer.global_rank}.pt",
+        )
+
+
 def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         accelerator="cpu",

@@ -7,8 +7,17 @@ import lightning as L
 import pytest
 import torch
 from gossip_reference import reference_choco, reference_gossip
-from helpers import TIMEOUT, KnownBatchModule, SaveFinal, assert_close_state, fit_fork, load_ranks, make_net
-from test_gossip import PAYLOAD, CountDistCalls, SaveHistory, ring_matrix
+from helpers import (
+    TIMEOUT,
+    CountDistCalls,
+    KnownBatchModule,
+    SaveFinal,
+    assert_close_state,
+    fit_fork,
+    load_ranks,
+    make_net,
+)
+from test_gossip import PAYLOAD, SaveHistory, ring_matrix
 
 import lightning_fedopt as lf
 from lightning_fedopt.compression import (

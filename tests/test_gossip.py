@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from gossip_reference import reference_gossip
-from helpers import TIMEOUT, KnownBatchModule, assert_close_state, fit_fork, make_net
+from helpers import TIMEOUT, CountDistCalls, KnownBatchModule, assert_close_state, fit_fork, make_net
 
 import lightning_fedopt as lf
 from lightning_fedopt.callbacks import CommunicationMonitor
@@ -26,66 +26,6 @@ def ring_matrix(n: int) -> torch.Tensor:
 
 
 PAYLOAD = sum(p.numel() for p in make_net().parameters()) * 4
-
-
-class CountDistCalls(L.Callback):
-    """Counts the real torch.distributed calls of a rank during training (wrapped, then called through);
-    like tests/test_local_sgd.py's, plus the point-to-point ones."""
-
-    NAMES = (
-        "broadcast",
-        "all_reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-        "all_to_all",
-        "all_to_all_single",
-        "reduce",
-        "gather",
-        "scatter",
-        "barrier",
-        "all_gather_object",
-        "broadcast_object_list",
-        "batch_isend_irecv",  # (isend/irecv themselves cannot be wrapped: P2POp checks their identity)
-        "send",
-        "recv",
-    )
-
-    def __init__(self, out):
-        self.out = out
-
-    def setup(self, trainer, pl_module, stage):
-        import torch.distributed as dist
-
-        self.calls = dict.fromkeys(self.NAMES, 0)
-        self.active = False
-        self.originals = {}
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self.originals[name] = original
-
-            def wrapper(*args, _original=original, _name=name, **kwargs):
-                if self.active:
-                    self.calls[_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
-
-    def on_train_start(self, trainer, pl_module):
-        self.active = True
-        self.before = trainer.strategy.comm_stats.state_dict()
-
-    def on_train_end(self, trainer, pl_module):  # before the strategy's final merge
-        import torch.distributed as dist
-
-        self.active = False
-        for name, original in self.originals.items():
-            setattr(dist, name, original)
-        torch.save(
-            {"calls": self.calls, "before": self.before, "after": trainer.strategy.comm_stats.state_dict()},
-            self.out / f"calls{trainer.global_rank}.pt",
-        )
 
 
 def test_ring_four_processes_matches_reference_point_to_point_only(tmp_path):

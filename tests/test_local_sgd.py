@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     TIMEOUT,
+    CountDistCalls,
     KnownBatchModule,
     assert_close_state,
     fit_fork,
@@ -284,66 +285,6 @@ def test_choose_participants_is_deterministic():
         counts[choose_participants(k, 10, 0.3)] += 1
     assert counts.min() > 0.2 * 400 and counts.max() < 0.4 * 400
     assert math.isclose(float(counts.sum()), 400 * 3)
-
-
-class CountDistCalls(L.Callback):
-    """Counts the real torch.distributed calls a rank makes between the first and last training step
-    (wrapping them, then calling through), to check that no collective bypasses comm.py."""
-
-    NAMES = (
-        "broadcast",
-        "all_reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-        "all_to_all",
-        "all_to_all_single",
-        "reduce",
-        "gather",
-        "scatter",
-        "barrier",
-        "all_gather_object",
-        "broadcast_object_list",
-        "gather_object",
-        "scatter_object_list",
-    )  # every collective (point-to-point transfers are not counted: NoLoCo's pairs use them)
-
-    def __init__(self, out):
-        self.out = out
-
-    def setup(self, trainer, pl_module, stage):
-        import torch.distributed as dist
-
-        self.calls = dict.fromkeys(self.NAMES, 0)
-        self.active = False
-        self.originals = {}
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self.originals[name] = original
-
-            def wrapper(*args, _original=original, _name=name, **kwargs):
-                if self.active:
-                    self.calls[_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
-
-    def on_train_start(self, trainer, pl_module):
-        self.active = True
-        self.comm_before = trainer.strategy.comm_stats.state_dict()
-
-    def on_train_end(self, trainer, pl_module):  # runs before the strategy's final sync
-        self.active = False
-        import torch.distributed as dist
-
-        for name, original in self.originals.items():
-            setattr(dist, name, original)
-        after = trainer.strategy.comm_stats.state_dict()
-        torch.save(
-            {"calls": self.calls, "before": self.comm_before, "after": after},
-            self.out / f"calls{trainer.global_rank}.pt",
-        )
 
 
 def test_no_collective_between_sync_points(tmp_path):

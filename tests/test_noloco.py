@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KnownBatchModule, assert_close_state, fit_fork
+from helpers import CountDistCalls, KnownBatchModule, assert_close_state, fit_fork
 from reference_outer import reference_noloco
-from test_gossip import CountDistCalls
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies.noloco import pair_groups
