@@ -203,10 +203,18 @@ def test_each_rank_orders_only_its_own_partition(tmp_path):
     assert seen2[1] == expected_batches(1, other, "curriculum", pacing, steps)
 
 
-def test_resume_mid_epoch_continues_the_same_order(tmp_path):
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "mid_epoch",  # step 22 = batch 7 of epoch 1 (15 batches per epoch)
+        "last_batch",  # step 15 = the last batch of epoch 0: the re-score of epoch 1 is still due
+        "epoch_end",  # on_train_epoch_end checkpoint after epoch 1, then a max_steps run
+    ],
+)
+def test_resume_continues_the_same_order(tmp_path, mode):
     """Local scores differ per rank (each replica's own model), re-scored every epoch; a run resumed
-    from a mid-epoch checkpoint draws the batches, and ends with the weights, of the uninterrupted run."""
-    total, at = 40, 22  # 15 batches per epoch: the checkpoint is at batch 7 of epoch 1
+    from a checkpoint draws the batches, and ends with the weights, of the uninterrupted run."""
+    total = 40
 
     def curriculum() -> lf.callbacks.Curriculum:
         return lf.callbacks.Curriculum(
@@ -216,38 +224,157 @@ def test_resume_mid_epoch_continues_the_same_order(tmp_path):
     def strategy() -> lf.LocalSGDStrategy:
         return lf.LocalSGDStrategy(sync_every=5, final_sync=False, start_method="fork")
 
+    full_cb = curriculum()
     fit_fork(
         tmp_path / "full",
         IndexedModule(),
         strategy(),
-        callbacks=[curriculum(), SaveSeen(tmp_path / "full")],
+        callbacks=[full_cb, SaveSeen(tmp_path / "full")],
         max_steps=total,
     )
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1, filename="mid")
+    if mode == "epoch_end":
+        at = 30
+        ckpt = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt",
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            save_top_k=-1,
+            filename="mid",
+        )
+        first = {"max_epochs": 2, "max_steps": -1}
+    else:
+        at = 22 if mode == "mid_epoch" else 15
+        ckpt = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1, filename="mid"
+        )
+        first = {"max_steps": at}
     fit_fork(
         tmp_path / "first",
         IndexedModule(),
         strategy(),
-        callbacks=[curriculum(), ckpt],
-        max_steps=at,
+        callbacks=[curriculum(), ckpt, SaveSeen(tmp_path / "first")],
         enable_checkpointing=True,
+        **first,
     )
     path = tmp_path / "ckpt" / "mid.ckpt"
     shards = [torch.load(f"{path}.replicas/rank{r}.pt", weights_only=False)["callbacks"] for r in range(2)]
     orders = [next(iter(s.values()))["order"] for s in shards]
     assert not torch.equal(orders[0], orders[1])  # per-rank state, kept in each rank's shard
+    resumed_cb = curriculum()
     trainer = L.Trainer(
         strategy=strategy(),
-        callbacks=[curriculum(), SaveSeen(tmp_path / "resumed")],
+        callbacks=[resumed_cb, SaveSeen(tmp_path / "resumed")],
         **trainer_kwargs(devices=2, max_steps=total),
     )
     trainer.fit(IndexedModule(), ckpt_path=str(path))
-    full, resumed = load_seen(tmp_path / "full", 2), load_seen(tmp_path / "resumed", 2)
+    full, head, resumed = (load_seen(tmp_path / d, 2) for d in ("full", "first", "resumed"))
     for r in range(2):
-        assert len(resumed[r]["seen"]) == total - at
-        assert resumed[r]["seen"] == full[r]["seen"][at:]
+        assert len(head[r]["seen"]) == at and len(resumed[r]["seen"]) == total - at
+        assert head[r]["seen"] + resumed[r]["seen"] == full[r]["seen"]
         for k, v in full[r]["state_dict"].items():
             assert torch.equal(resumed[r]["state_dict"][k], v), k
+
+
+def test_consensus_scores_are_the_averaged_models_losses(tmp_path):
+    """score_by='consensus' under Local SGD: at the re-score of epoch 1 (step 15, mid-round for H=4)
+    both ranks score with the same averaged model (one all-reduce), each on its own part."""
+
+    class Capture(lf.callbacks.Curriculum):
+        def compute_scores(self, trainer, pl_module):
+            scores = super().compute_scores(trainer, pl_module)
+            state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.captured.append((trainer.global_step, state, scores.clone()))
+            return scores
+
+    class Save(L.Callback):
+        def __init__(self, cb):
+            self.cb = cb
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                local = {k: v.clone() for k, v in pl_module.state_dict().items()}
+                torch.save(
+                    {"captured": self.cb.captured, "rank": trainer.global_rank},
+                    tmp_path / f"cap{trainer.global_rank}.pt",
+                )
+                torch.save(local, tmp_path / f"local{trainer.global_rank}.pt")
+
+    cb = Capture("consensus", "curriculum", "linear", rescore_every=1)
+    cb.captured = []
+    fit_fork(
+        tmp_path / "run",
+        IndexedModule(),
+        lf.LocalSGDStrategy(sync_every=4, start_method="fork"),
+        callbacks=[cb, Save(cb)],
+        max_steps=31,
+    )
+    caps = [torch.load(tmp_path / f"cap{r}.pt", weights_only=False)["captured"] for r in range(2)]
+    data = make_data()
+    parts = PARTITION.split(data.tensors[1].numpy(), 2)
+    for r in range(2):
+        assert [c[0] for c in caps[r]] == [0, 15]
+    _, model0, _ = caps[0][1]
+    _, model1, _ = caps[1][1]
+    for k in model0:
+        assert torch.equal(model0[k], model1[k])  # the same (consensus) model on both ranks
+    net = nn.Linear(4, CLASSES)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in model0.items()})
+    for r in range(2):
+        idx = torch.as_tensor(parts[r])
+        x, y = data.tensors[0][idx], data.tensors[1][idx]
+        with torch.no_grad():
+            expected = nn.functional.cross_entropy(net(x), y, reduction="none").double()
+        torch.testing.assert_close(caps[r][1][2], expected, rtol=1e-6, atol=1e-6)
+    # mid-round the replicas differ from the consensus they were scored with
+    assert not all(torch.equal(caps[0][0][1][k], caps[0][1][1][k]) for k in model0)
+
+
+def test_reference_scores_and_random_ordering():
+    ref = nn.Linear(4, CLASSES)
+    torch.manual_seed(7)
+    nn.init.normal_(ref.weight)
+    data = make_data()
+    cb = lf.callbacks.Curriculum(
+        "reference",
+        "curriculum",
+        reference=ref,
+        score_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+    )
+    fit_single([cb], steps=2)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(
+            ref(data.tensors[0]), data.tensors[1], reduction="none"
+        ).double()
+    torch.testing.assert_close(cb.scores, expected)
+    assert torch.equal(cb.order, torch.sort(expected, stable=True).indices)
+    rnd = lf.callbacks.Curriculum("given", "random", scores=given_scores(), seed=3)
+    fit_single([rnd], steps=2)
+    again = lf.callbacks.Curriculum("given", "random", scores=given_scores(), seed=3)
+    fit_single([again], steps=2)
+    assert torch.equal(rnd.order, again.order)  # deterministic by seed
+    assert sorted(rnd.order.tolist()) == list(range(N))
+    assert not torch.equal(rnd.order, torch.argsort(given_scores()))
+
+
+def test_pacing_clock_follows_limit_train_batches():
+    """With limit_train_batches the pacing counts the batches really trained, so the visible
+    fraction at the last batch is g(T-1), not past saturation."""
+    seen: list[float] = []
+
+    class Visible(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            s = cb._sampler
+            seen.append(s.visible(s.step_of(trainer.current_epoch, batch_idx)) / len(s.part))
+
+    cb = lf.callbacks.Curriculum("given", "curriculum", "linear", a=1.0, b=0.1, scores=given_scores())
+    module = IndexedModule()
+    trainer = L.Trainer(
+        callbacks=[cb, Visible()],
+        **trainer_kwargs(devices=1, max_steps=-1, max_epochs=3, limit_train_batches=5),
+    )
+    trainer.fit(module)
+    assert len(seen) == 15
+    assert seen == [pytest.approx(int(N * (0.1 + 0.9 * t / 15)) / N) for t in range(15)]
 
 
 def test_partition_sampler_is_left_in_place_by_lightning(tmp_path):

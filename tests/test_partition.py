@@ -59,6 +59,8 @@ def test_every_sample_belongs_to_exactly_one_replica(n, k, classes, seed, kind):
 
 
 def test_dirichlet_skew_grows_as_alpha_falls():
+    # digits' classes are balanced, so the distance from the whole set's label distribution is the
+    # distance from uniform
     y = digits_labels()
     skewed = Dirichlet(alpha=0.1, seed=0).split(y, 4)
     mild = Dirichlet(alpha=100.0, seed=0).split(y, 4)
@@ -119,6 +121,8 @@ def test_bad_input():
         Dirichlet(1.0).split(10, 2)  # a count where labels are needed
     with pytest.raises(ValueError, match="unknown partitioner"):
         get_partitioner("zipf")
+    with pytest.raises(ValueError, match="alpha"):
+        get_partitioner("dirichlet")  # a name whose partitioner needs arguments
     with pytest.raises(ValueError, match="exactly one replica"):
         Partition((np.array([0, 1]), np.array([1, 2])), 3)
 
@@ -203,3 +207,5 @@ def test_infer_labels_and_sampler_errors():
         PartitionSampler(list(range(30)), p, 0, batch_size=16)
     with pytest.raises(ValueError, match="covers"):
         PartitionSampler(list(range(31)), p, 0, batch_size=4)
+    with pytest.raises(ValueError, match="epoch_length"):
+        PartitionSampler(list(range(30)), p, 0, batch_size=4, epoch_length="own")  # 2 replicas

@@ -63,3 +63,20 @@ def test_selection_arguments():
         lf.LocalSGDStrategy(selection=ReplicaSelection())  # full participation: nothing to select
     with pytest.raises(ValueError, match="selection"):
         lf.LocalSGDStrategy(participation=0.5, selection="loss")
+    with pytest.raises(ValueError, match="group_size"):
+        lf.LocalSGDStrategy(participation=0.5, selection=ReplicaSelection(), group_size=2)
+
+
+def test_selection_resumes_mid_round_exactly(tmp_path):
+    """The round's running loss and the selection history are in each replica's shard."""
+    from reference_outer import run_and_resume
+
+    def strategy():
+        sel = ReplicaSelection("anti", pacing="root", a=1.0, b=0.3)
+        return lf.LocalSGDStrategy(
+            sync_every=3, participation=2 / 3, selection=sel, final_sync=False, start_method="fork"
+        )
+
+    full, resumed, _ = run_and_resume(tmp_path, KnownBatchModule, strategy, total=11, at=7, n=3)
+    for r in range(3):
+        assert_close_state(resumed[r]["state_dict"], full[r]["state_dict"], atol=0.0)

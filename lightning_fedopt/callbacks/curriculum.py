@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_fedopt.callbacks._scoring import ScoreFn, batch_size_of, check_scores, resolve_score_fn
 from lightning_fedopt.data.pacing import ORDERINGS, Pacing, order_by_scores
-from lightning_fedopt.data.sampler import PartitionSampler, _mix
+from lightning_fedopt.data.sampler import PartitionDataLoader, PartitionSampler, _mix
 
 __all__ = ["Curriculum", "find_partition_sampler"]
 
@@ -24,22 +24,19 @@ log = logging.getLogger("lightning_fedopt")
 _SCORE_BY = ("local", "consensus", "reference", "given")
 
 
-def find_partition_sampler(trainer: Trainer) -> tuple[DataLoader, PartitionSampler]:
-    """The training loader whose sampler is a :class:`~lightning_fedopt.data.PartitionSampler`."""
+def find_partition_sampler(trainer: Trainer) -> tuple[PartitionDataLoader, PartitionSampler]:
+    """The training loader that samples with a :class:`~lightning_fedopt.data.PartitionSampler`."""
     loaders: Any = trainer.train_dataloader
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
     elif not isinstance(loaders, Sequence):
         loaders = [loaders]
     for loader in loaders:
-        sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, PartitionSampler):
-            sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-        if isinstance(sampler, PartitionSampler):
-            return loader, sampler
+        if isinstance(loader, PartitionDataLoader):
+            return loader, loader.partition_sampler
     raise ValueError(
-        "this callback orders each replica's partition, so the training DataLoader must sample with a "
-        "lightning_fedopt.data.PartitionSampler: return `lightning_fedopt.data.partition_dataloader(dataset, "
+        "this callback orders each replica's partition, so the training DataLoader must be a "
+        "lightning_fedopt.data.PartitionDataLoader: return `lightning_fedopt.data.partition_dataloader(dataset, "
         "partitioner, trainer=self.trainer, batch_size=...)` from `train_dataloader` "
         "(partitioner `IID()` for IID data)"
     )
@@ -71,11 +68,14 @@ class Curriculum(Callback):
     ``curriculum/score_samples``) together with the visible fraction. With ``rescore_every=k`` the
     replica re-scores at the start of every ``k``-th epoch.
 
-    The training loader must sample with a :class:`~lightning_fedopt.data.PartitionSampler`
-    (build it with :func:`~lightning_fedopt.data.partition_dataloader`). Each replica's scores,
-    ordering and counters are checkpointed in its own replica shard (under a
-    :class:`~lightning_fedopt.strategies.ReplicaStrategy`; ``per_replica_state``), and the loader's
-    position in the checkpoint's loop state, so a resumed run continues with the same batches.
+    The training loader must be a :class:`~lightning_fedopt.data.PartitionDataLoader` (build it with
+    :func:`~lightning_fedopt.data.partition_dataloader`). Scoring runs when the loader starts an
+    epoch, before its first batch is drawn — on every rank at the same point, also when a resumed
+    run enters an epoch mid-way. Each replica's scores, ordering and counters are checkpointed in
+    its own replica shard (under a :class:`~lightning_fedopt.strategies.ReplicaStrategy`;
+    ``per_replica_state``), and the loader's position in the checkpoint's loop state, so a resumed
+    run continues with the same batches. Resuming, the ranks agree whether the saved state fits
+    every one of them (same rank, world size and partition); if not, all of them re-score.
 
     Args:
         score_by: ``"local"``, ``"consensus"``, ``"reference"`` or ``"given"``.
@@ -167,13 +167,16 @@ class Curriculum(Callback):
         self.scores: Tensor | None = None  # this replica's scores, by position in its part
         self.order: Tensor | None = None
         self.scored_epoch: int | None = None
+        self.prepared_epoch: int | None = None
         self.n_scorings = 0
         self.score_seconds = 0.0
         self.score_samples = 0
         self._restored: dict[str, Any] | None = None
         self._sampler: PartitionSampler | None = None
-        self._loader: DataLoader | None = None
+        self._loader: PartitionDataLoader | None = None
         self._total_batches = 0
+        self._batches_per_epoch = 0
+        self._fp: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -188,8 +191,44 @@ class Curriculum(Callback):
             self._reset()
             self._restored = restored
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # restored state is for the fit it was restored for (not for a later fresh fit)
+        self._restored = None
+        if self._loader is not None:
+            self._loader.epoch_hook = None
+        if self._sampler is not None:
+            self._sampler.set_curriculum(None, None, 0)  # the loader is plain again outside this fit
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader, sampler = find_partition_sampler(trainer)
+        if loader is self._loader:
+            return
+        if self._loader is not None:
+            self._loader.epoch_hook = None
+        self._loader, self._sampler = loader, sampler
+        self._fp = self._fingerprint(trainer)
+        loader.attach(trainer)
+        # the epoch's scoring runs when the loader starts the epoch: on every rank at the same point,
+        # whether the epoch starts afresh or a resumed run enters it mid-way
+        loader.epoch_hook = lambda epoch: self._prepare_epoch(trainer, pl_module, epoch)
+        per_epoch = trainer.num_training_batches
+        self._batches_per_epoch = int(per_epoch) if np.isfinite(per_epoch) else sampler.num_batches
+        if self.order is not None and len(self.order) == len(sampler.part):
+            self._apply()
+        else:
+            self.order, self.scored_epoch, self.prepared_epoch = None, None, None
+
+    def _fingerprint(self, trainer: Trainer) -> dict[str, Any]:
+        sampler = self._sampler
+        assert sampler is not None
+        part = sampler.part
+        digest = int(torch.sum(part * (torch.arange(len(part)) % 9973 + 1)).item()) if len(part) else 0
+        return {"rank": trainer.global_rank, "world_size": trainer.world_size, "part": (len(part), digest)}
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._loader, self._sampler = find_partition_sampler(trainer)
+        self._loader = self._sampler = None
+        self._attach(trainer, pl_module)
+        assert self._sampler is not None
         if self.given_scores is not None and len(self.given_scores) != len(self._sampler.dataset):
             raise ValueError(
                 f"`scores` has {len(self.given_scores)} entries, the training data set {len(self._sampler.dataset)}"
@@ -202,37 +241,39 @@ class Curriculum(Callback):
                 raise ValueError("the pacing needs a finite run: set max_steps/max_epochs or `total_steps=`")
             self._total_batches = int(est) * trainer.accumulate_grad_batches
         state, self._restored = self._restored, None
-        if state is not None:
-            if state["rank"] == trainer.global_rank and state["part_size"] == len(self._sampler.part):
-                self.scores, self.order = state["scores"], state["order"]
-                self.scored_epoch, self.n_scorings = state["scored_epoch"], state["n_scorings"]
-                self.score_seconds, self.score_samples = state["score_seconds"], state["score_samples"]
-                self._apply()
-            else:
-                log.warning(
-                    "lightning_fedopt: the Curriculum state in the checkpoint belongs to rank %d (this is rank "
-                    "%d; per-rank state needs a ReplicaStrategy); re-scoring this replica's partition",
-                    state["rank"],
-                    trainer.global_rank,
-                )
-                self.rescore(trainer, pl_module)
-                self.scored_epoch = trainer.current_epoch
+        if trainer.ckpt_path is None:
+            return
+        # every rank agrees whether the checkpoint's state fits all of them (else all re-score: the
+        # consensus scoring is a collective, so no rank may do it alone)
+        fits = state is not None and state.get("fingerprint") == self._fp
+        fits_everywhere = trainer.strategy.reduce_boolean_decision(fits, all=True)
+        if fits_everywhere and state is not None:
+            self.scores, self.order = state["scores"], state["order"]
+            self.scored_epoch, self.prepared_epoch = state["scored_epoch"], state["prepared_epoch"]
+            self.n_scorings = state["n_scorings"]
+            self.score_seconds, self.score_samples = state["score_seconds"], state["score_samples"]
+            self._apply()
+        elif state is not None:
+            log.warning(
+                "lightning_fedopt: the Curriculum state in the checkpoint does not fit every replica (written "
+                "by another rank or world size, or for another partition; per-rank state needs a "
+                "ReplicaStrategy): every replica re-scores its partition"
+            )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader, sampler = find_partition_sampler(trainer)
-        if sampler is not self._sampler:  # reloaded dataloaders (reload_dataloaders_every_n_epochs)
-            self._loader, self._sampler = loader, sampler
-            if self.order is not None and len(self.order) == len(sampler.part):
-                self._apply()
-            else:
-                self.scored_epoch = None
-        epoch = trainer.current_epoch
+        self._attach(trainer, pl_module)  # a reloaded loader (reload_dataloaders_every_n_epochs)
+
+    def _prepare_epoch(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        """Score (when due) and hand the order to the sampler before epoch ``epoch`` draws a batch."""
+        if self.prepared_epoch == epoch:
+            return
         due = self.scored_epoch is None or (
             self.rescore_every is not None and epoch - self.scored_epoch >= self.rescore_every
         )
         if due:
             self.rescore(trainer, pl_module)
             self.scored_epoch = epoch
+        self.prepared_epoch = epoch
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -240,12 +281,8 @@ class Curriculum(Callback):
         sampler = self._sampler
         if sampler is None or not trainer.loggers or trainer.global_step % trainer.log_every_n_steps:
             return
-        t = trainer.current_epoch * sampler.num_batches + batch_idx
+        t = sampler.step_of(trainer.current_epoch, batch_idx)
         self._log(trainer, {"visible_fraction": sampler.visible(t) / len(sampler.part)})
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._sampler is not None:
-            self._sampler.set_curriculum(None, None, 0)  # the loader is plain again outside this fit
 
     # ------------------------------------------------------------------ scoring
     def _scoring_model(self, pl_module: LightningModule) -> nn.Module:
@@ -268,6 +305,8 @@ class Curriculum(Callback):
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
         )
         batches: Any = data
         if self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None:
@@ -278,10 +317,11 @@ class Curriculum(Callback):
         model.eval()
         out = []
         try:
-            for batch in batches:
-                batch = trainer.strategy.batch_to_device(batch)
-                n = batch_size_of(batch)
-                out.append(check_scores(score_fn(model, batch), n, "the curriculum's score function"))
+            with trainer.strategy.precision_plugin.forward_context():
+                for batch in batches:
+                    batch = trainer.strategy.batch_to_device(batch)
+                    n = batch_size_of(batch)
+                    out.append(check_scores(score_fn(model, batch), n, "the curriculum's score function"))
         finally:
             model.train(was_training)
         return torch.cat(out)
@@ -316,7 +356,7 @@ class Curriculum(Callback):
 
     def _apply(self) -> None:
         assert self._sampler is not None
-        self._sampler.set_curriculum(self.order, self.pacing, self._total_batches)
+        self._sampler.set_curriculum(self.order, self.pacing, self._total_batches, self._batches_per_epoch)
 
     def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         row = {self.prefix + k: float(v) for k, v in metrics.items()}
@@ -327,13 +367,12 @@ class Curriculum(Callback):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        sampler = self._sampler
         return {
-            "rank": sampler.rank if sampler is not None else 0,
-            "part_size": len(sampler.part) if sampler is not None else 0,
+            "fingerprint": self._fp,
             "scores": self.scores,
             "order": self.order,
             "scored_epoch": self.scored_epoch,
+            "prepared_epoch": self.prepared_epoch,
             "n_scorings": self.n_scorings,
             "score_seconds": self.score_seconds,
             "score_samples": self.score_samples,

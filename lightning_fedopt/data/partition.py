@@ -340,4 +340,9 @@ def get_partitioner(spec: str | Partitioner, **kwargs: Any) -> Partitioner:
         raise ValueError(
             f"unknown partitioner {spec!r}; choose one of {sorted(_NAMES)} or pass a Partitioner"
         )
-    return _NAMES[spec.lower()](**kwargs)
+    try:
+        return _NAMES[spec.lower()](**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"partitioner {spec!r}: {err} (e.g. get_partitioner('dirichlet', alpha=0.1))"
+        ) from err

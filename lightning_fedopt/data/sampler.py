@@ -31,7 +31,8 @@ one from a data set and a partitioner, inside ``train_dataloader``::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,11 @@ class PartitionSampler(DistributedSampler):
         if epoch_length == "equal":
             samples = len(dataset) // partition.num_replicas
         elif epoch_length == "own":
+            if partition.num_replicas > 1:
+                raise ValueError(
+                    "`epoch_length='own'` gives the replicas epochs of different lengths, but they must take "
+                    "the same number of steps: use 'equal' (or a number of samples) with more than one replica"
+                )
             samples = len(self.part)
         elif isinstance(epoch_length, int) and not isinstance(epoch_length, bool) and epoch_length >= 1:
             samples = epoch_length
@@ -152,13 +158,25 @@ class PartitionSampler(DistributedSampler):
         self._order: torch.Tensor | None = None  # curriculum: positions in `part`, first = first visible
         self._pacing: Pacing | None = None
         self._total_batches = 0
+        self._batches_per_epoch = self.num_batches
         self._resume: tuple[int, int] | None = None
         self._stream: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ curriculum
-    def set_curriculum(self, order: torch.Tensor | None, pacing: Pacing | None, total_batches: int) -> None:
+    def set_curriculum(
+        self,
+        order: torch.Tensor | None,
+        pacing: Pacing | None,
+        total_batches: int,
+        batches_per_epoch: int | None = None,
+    ) -> None:
         """Draw batches from the first ``pacing.visible(t)`` samples of ``order`` (positions in the
-        part, easiest first for a curriculum); ``order=None`` returns to plain shuffling."""
+        part, easiest first for a curriculum); ``order=None`` returns to plain shuffling.
+
+        ``t = epoch * batches_per_epoch + b`` counts training batches out of ``total_batches``;
+        ``batches_per_epoch`` is the number the Trainer really takes per epoch (fewer than the
+        sampler's with ``limit_train_batches``), default the sampler's own.
+        """
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.int64)
             if sorted(order.tolist()) != list(range(len(self.part))):
@@ -166,6 +184,7 @@ class PartitionSampler(DistributedSampler):
             if pacing is None:
                 raise ValueError("a curriculum order needs a pacing function")
         self._order, self._pacing, self._total_batches = order, pacing, int(total_batches)
+        self._batches_per_epoch = int(batches_per_epoch) if batches_per_epoch else self.num_batches
 
     @property
     def curriculum(self) -> bool:
@@ -199,14 +218,17 @@ class PartitionSampler(DistributedSampler):
         """Positions in the part of batch ``b`` of epoch ``epoch`` (a pure function of its inputs)."""
         if self._order is None:
             return self._epoch_stream(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
-        t = epoch * self.num_batches + b
-        v = self.visible(t)
+        v = self.visible(self.step_of(epoch, b))
         g = torch.Generator().manual_seed(_mix(self.seed, self.rank, epoch, b, 1))
         if v >= self.batch_size:
             pick = torch.randperm(v, generator=g)[: self.batch_size]
         else:  # a part smaller than one batch
             pick = torch.randint(v, (self.batch_size,), generator=g)
         return self._order[pick]
+
+    def step_of(self, epoch: int, b: int) -> int:
+        """The training batch ``t`` of batch ``b`` of epoch ``epoch`` (the pacing's clock)."""
+        return epoch * self._batches_per_epoch + b
 
     def batch_indices(self, epoch: int, b: int) -> torch.Tensor:
         """Data-set indices of batch ``b`` of epoch ``epoch``."""
@@ -249,11 +271,20 @@ class PartitionDataLoader(DataLoader):
     replicas step together), and each rank's own order follows from its rank and seed (and, under
     a curriculum, from the :class:`~lightning_fedopt.callbacks.Curriculum` state in its replica
     shard).
+
+    With a Trainer attached (:func:`partition_dataloader` with ``trainer=``, or :meth:`attach`),
+    each iteration draws the epoch ``trainer.current_epoch`` (Lightning's own ``set_epoch`` value
+    runs one ahead after some resumes), and ``epoch_hook(epoch)`` — set by the
+    :class:`~lightning_fedopt.callbacks.Curriculum` — runs before the epoch's first batch is drawn,
+    on every rank at the same point, whether the epoch starts afresh or resumes.
     """
 
     def __init__(self, dataset: Dataset | Any, *, sampler: PartitionSampler, **kwargs: Any) -> None:
         if not isinstance(sampler, PartitionSampler):
-            raise ValueError(f"`sampler` must be a PartitionSampler, got {type(sampler).__name__}")
+            raise ValueError(
+                f"`sampler` must be a PartitionSampler, got {type(sampler).__name__} (Lightning replaces the "
+                "sampler with a SequentialSampler under `overfit_batches`, which a partition loader does not support)"
+            )
         kwargs.setdefault("batch_size", sampler.batch_size)
         if kwargs["batch_size"] != sampler.batch_size:
             raise ValueError(
@@ -263,6 +294,13 @@ class PartitionDataLoader(DataLoader):
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._yielded = 0
         self._iter_epoch = 0
+        self._trainer_ref: Callable[[], Any] | None = None
+        #: called with the epoch before the epoch's first batch is drawn (the Curriculum's hook)
+        self.epoch_hook: Callable[[int], None] | None = None
+
+    def attach(self, trainer: Any) -> None:
+        """Draw the Trainer's ``current_epoch`` at every iteration (kept as a weak reference)."""
+        self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
 
     @property
     def partition_sampler(self) -> PartitionSampler:
@@ -271,6 +309,11 @@ class PartitionDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.partition_sampler
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+        if self.epoch_hook is not None:
+            self.epoch_hook(sampler.epoch)
         resume = sampler._resume
         self._iter_epoch = sampler.epoch
         self._yielded = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
@@ -346,4 +389,6 @@ def partition_dataloader(
     sampler = PartitionSampler(
         dataset, partition, rank, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch_length=epoch_length
     )
-    return PartitionDataLoader(dataset, sampler=sampler, **loader_kwargs)
+    loader = PartitionDataLoader(dataset, sampler=sampler, **loader_kwargs)
+    loader.attach(trainer)
+    return loader

@@ -161,8 +161,10 @@ class LocalSGDStrategy(ReplicaStrategy):
             loss in the round, with an ordering and a pacing of its own
             (:class:`~lightning_fedopt.data.ReplicaSelection`), instead of uniformly at random. The
             replicas' mean losses travel in one all-gather of one number per replica per round
-            (purpose ``"control"``), so every rank makes the same choice. Needs ``participation`` a
-            fraction below 1.
+            (purpose ``"control"``), so every rank makes the same choice. All replicas train every
+            round; the choice, made at the round's end from the losses of that round's training,
+            decides whose update is averaged (Vahidian et al. score clients with the global model
+            before the round). Needs ``participation`` a fraction below 1 and ``group_size=1``.
         **kwargs: :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` arguments
             (``evaluate``, ``final_sync``, ``start_method``, ``timeout``, ...).
 
@@ -204,6 +206,11 @@ class LocalSGDStrategy(ReplicaStrategy):
                 raise ValueError(
                     f"`selection` chooses a fraction of the replicas: `participation` must be in (0, 1), "
                     f"got {participation!r}"
+                )
+            if kwargs.get("group_size", 1) != 1:
+                raise ValueError(
+                    "`selection` with `group_size` > 1 is not supported: the members of a group hold "
+                    "different data, so they would pick different participants and the group would diverge"
                 )
         if weighting not in _WEIGHTING:
             raise ValueError(f"`weighting` must be one of {_WEIGHTING}, got {weighting!r}")
@@ -254,6 +261,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         # this round's training losses: a running sum on the device (no per-step sync) and a count
         self._round_loss_sum: Tensor | None = None
         self._round_loss_count = 0
+        self._warned_no_losses = False
         self._global: list[Tensor] = []
         self._fedau: FedAUState | None = None
 
@@ -369,7 +377,14 @@ class LocalSGDStrategy(ReplicaStrategy):
             mine = (self._round_loss_sum / self._round_loss_count).reshape(1)
         gathered = self.outer_comm.all_gather(mine, purpose="control").wait()
         self._round_loss_sum, self._round_loss_count = None, 0
-        return [float(g[0]) for g in gathered]
+        losses = [float(g[0]) for g in gathered]
+        if all(math.isnan(x) for x in losses) and not self._warned_no_losses:
+            self._warned_no_losses = True
+            log.warning(
+                "lightning_fedopt: replica selection saw no training loss this round (training_step returned "
+                "no scalar loss, e.g. under manual optimization); participants are chosen in rank order"
+            )
+        return losses
 
     def _weight(self) -> float:
         if self.weighting == "samples" and self._samples_since_sync > 0:
