@@ -209,3 +209,15 @@ def test_infer_labels_and_sampler_errors():
         PartitionSampler(list(range(31)), p, 0, batch_size=4)
     with pytest.raises(ValueError, match="epoch_length"):
         PartitionSampler(list(range(30)), p, 0, batch_size=4, epoch_length="own")  # 2 replicas
+
+
+def test_rank_zero_logs_the_label_histograms(caplog):
+    y = np.arange(120) % 4
+    data = TensorDataset(torch.zeros(120, 1), torch.from_numpy(y))
+    with caplog.at_level("INFO", logger="lightning_fedopt"):
+        partition_dataloader(data, Dirichlet(0.5, min_size=5), batch_size=8, rank=0, num_replicas=3)
+    assert "label divergence" in caplog.text and "replica  samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lightning_fedopt"):
+        partition_dataloader(data, Dirichlet(0.5, min_size=5), batch_size=8, rank=1, num_replicas=3)
+    assert "label divergence" not in caplog.text

@@ -30,6 +30,7 @@ one from a data set and a partitioner, inside ``train_dataloader``::
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,6 +44,8 @@ from lightning_fedopt.data.pacing import Pacing
 from lightning_fedopt.data.partition import Partition, Partitioner, as_labels, get_partitioner
 
 __all__ = ["PartitionDataLoader", "PartitionSampler", "infer_labels", "partition_dataloader"]
+
+log = logging.getLogger("lightning_fedopt")
 
 
 def _mix(*values: int) -> int:
@@ -355,6 +358,8 @@ def partition_dataloader(
         trainer: take ``rank`` and ``num_replicas`` from it (``global_rank``, ``world_size``).
         rank, num_replicas: explicitly (default 0 and 1, or the trainer's).
         labels: the samples' class labels for label-skew partitioners (default: read from ``dataset``).
+            Rank 0 logs every replica's label histogram (``logging`` at INFO, logger
+            ``"lightning_fedopt"``).
         shuffle, seed, epoch_length: see :class:`PartitionSampler`.
         **loader_kwargs: passed to the :class:`~torch.utils.data.DataLoader` (``num_workers``, ...).
 
@@ -380,6 +385,13 @@ def partition_dataloader(
         else:
             source = len(dataset)
         partition = partitioner.split(source, num_replicas)
+        if rank == 0 and num_replicas > 1 and partitioner.needs_labels:
+            log.info(
+                "lightning_fedopt: %r over %d replicas:\n%s",
+                partitioner,
+                num_replicas,
+                partition.report(source),
+            )
     elif not isinstance(partition, Partition):
         raise ValueError(f"`partition` must be a Partition, a Partitioner or a name, got {partition!r}")
     if partition.num_replicas != num_replicas:
