@@ -82,3 +82,11 @@ def check_scores(scores: Any, n: int, where: str) -> Tensor:
             f"it must return one score per sample, shape ({n},)"
         )
     return scores.detach().to(dtype=torch.float64, device="cpu")
+
+
+def log_metrics(trainer: Any, history: list[dict[str, float]], row: dict[str, float]) -> None:
+    """Append ``row`` (with the step) to ``history`` on every rank; log it to every logger from rank 0."""
+    history.append({"step": float(trainer.global_step), **row})
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)

@@ -13,7 +13,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_fedopt.callbacks._scoring import ScoreFn, batch_size_of, check_scores, resolve_score_fn
+from lightning_fedopt.callbacks._scoring import (
+    ScoreFn,
+    batch_size_of,
+    check_scores,
+    log_metrics,
+    resolve_score_fn,
+)
 from lightning_fedopt.data.pacing import ORDERINGS, Pacing, order_by_scores
 from lightning_fedopt.data.sampler import PartitionDataLoader, PartitionSampler, _mix
 
@@ -359,11 +365,7 @@ class Curriculum(Callback):
         self._sampler.set_curriculum(self.order, self.pacing, self._total_batches, self._batches_per_epoch)
 
     def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        row = {self.prefix + k: float(v) for k, v in metrics.items()}
-        self.history.append({"step": float(trainer.global_step), **row})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(row, step=trainer.global_step)
+        log_metrics(trainer, self.history, {self.prefix + k: float(v) for k, v in metrics.items()})
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
     check_scores,
+    log_metrics,
     resolve_score_fn,
     slice_batch,
 )
@@ -152,11 +153,7 @@ class HardBatchSelection(Callback):
             "extra_forward_ratio": self.extra_forward_samples / max(self.trained_samples, 1),
             **self._last,
         }
-        row = {self.prefix + k: v for k, v in row.items()}
-        self.history.append({"step": float(trainer.global_step), **row})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(row, step=trainer.global_step)
+        log_metrics(trainer, self.history, {self.prefix + k: v for k, v in row.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {
