@@ -392,3 +392,22 @@ def test_partition_sampler_is_left_in_place_by_lightning(tmp_path):
     for r, rec in enumerate(load_seen(tmp_path, 2)):
         drawn = np.unique(np.concatenate(rec["seen"]))
         assert set(drawn.tolist()) <= set(parts[r].tolist())
+
+
+def test_reloaded_loader_is_followed_and_rescored():
+    """With reload_dataloaders_every_n_epochs the new loader gets the curriculum (re-scored: new data)."""
+    cb = lf.callbacks.Curriculum("local", "curriculum", "linear", a=1.0, b=0.5)
+    module = IndexedModule()
+    trainer = L.Trainer(
+        callbacks=[cb],
+        **trainer_kwargs(devices=1, max_steps=-1, max_epochs=3, reload_dataloaders_every_n_epochs=1),
+    )
+    trainer.fit(module)
+    assert cb.n_scorings == 3  # one per loader (rescore_every=None scores a loader once)
+    # the pacing clock runs over the whole fit, not per loader
+    per_epoch = N // BATCH
+    scores = cb.scores
+    ranked = torch.argsort(scores)
+    last = module.seen[-per_epoch]  # the first batch of the last epoch, drawn under the fresh order
+    visible = int(N * min(1.0, 0.5 + 0.5 * (2 * per_epoch) / (3 * per_epoch)))
+    assert set(last) <= set(ranked[:visible].tolist())

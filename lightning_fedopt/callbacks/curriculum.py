@@ -209,7 +209,8 @@ class Curriculum(Callback):
         loader, sampler = find_partition_sampler(trainer)
         if loader is self._loader:
             return
-        if self._loader is not None:
+        reloaded = self._loader is not None
+        if reloaded:
             self._loader.epoch_hook = None
         self._loader, self._sampler = loader, sampler
         self._fp = self._fingerprint(trainer)
@@ -219,9 +220,7 @@ class Curriculum(Callback):
         loader.epoch_hook = lambda epoch: self._prepare_epoch(trainer, pl_module, epoch)
         per_epoch = trainer.num_training_batches
         self._batches_per_epoch = int(per_epoch) if np.isfinite(per_epoch) else sampler.num_batches
-        if self.order is not None and len(self.order) == len(sampler.part):
-            self._apply()
-        else:
+        if reloaded:  # new data (every rank reloads at the same epoch): every replica re-scores
             self.order, self.scored_epoch, self.prepared_epoch = None, None, None
 
     def _fingerprint(self, trainer: Trainer) -> dict[str, Any]:
