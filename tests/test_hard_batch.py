@@ -122,3 +122,37 @@ def test_bad_input():
     trainer = L.Trainer(callbacks=[bad], **trainer_kwargs(devices=1, max_steps=1))
     with pytest.raises(ValueError, match="one score per sample"):
         trainer.fit(Recorder())
+
+
+def test_two_replicas_each_train_on_their_own_hardest_candidates(tmp_path):
+    """Under a replica strategy on 2 real processes every rank selects from its own pools."""
+    from helpers import fit_fork
+
+    class Parted(Recorder):
+        def train_dataloader(self) -> DataLoader:
+            return lf.data.partition_dataloader(
+                make_data(), lf.data.IID(seed=0), trainer=self.trainer, batch_size=POOL * MINI, shuffle=False
+            )
+
+    class SaveSeen(L.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            torch.save(pl_module.seen, tmp_path / f"seen{trainer.global_rank}.pt")
+
+    score = lambda m, b: b[0][:, 0] * 1.0  # noqa: E731
+    cb = lf.callbacks.HardBatchSelection(pool=POOL, fraction=0.5, score_fn=score)
+    fit_fork(
+        tmp_path / "run",
+        Parted(),
+        lf.LocalSGDStrategy(sync_every=2, start_method="fork"),
+        callbacks=[cb, SaveSeen()],
+        max_steps=3,
+    )
+    x = make_data().tensors[0]
+    part = lf.data.IID(seed=0).split(N, 2)
+    for r in range(2):
+        seen = torch.load(tmp_path / f"seen{r}.pt")
+        order = torch.as_tensor(part[r])  # shuffle=False: the part in index order, one pool per step
+        for t, got in enumerate(seen):
+            pool_idx = order[t * POOL * MINI : (t + 1) * POOL * MINI].view(POOL, MINI)
+            kept = torch.sort(torch.argsort(x[pool_idx, 0].mean(1), descending=True)[:2]).values
+            assert got == pool_idx[kept].flatten().tolist()
