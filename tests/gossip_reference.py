@@ -9,6 +9,20 @@ from helpers import make_batch, make_net
 from torch import nn
 
 
+def _finish(
+    nets: list, params: list[list[torch.Tensor]], final_average: bool
+) -> list[dict[str, torch.Tensor]]:
+    """The replicas' state dicts, after one global average of their parameters if ``final_average``."""
+    if final_average:
+        with torch.no_grad():
+            n = len(params)
+            mean = [sum(params[r][i] for r in range(n)) / n for i in range(len(params[0]))]
+            for r in range(n):
+                for p, v in zip(params[r], mean):
+                    p.copy_(v)
+    return [{f"net.{k}": v.detach().clone() for k, v in m.state_dict().items()} for m in nets]
+
+
 def reference_gossip(
     n_replicas: int,
     steps: int,
@@ -80,13 +94,7 @@ def reference_gossip(
                     for p, v in zip(params[r], new[r]):
                         p.copy_(v)
                 last = [[p.detach().clone() for p in ps] for ps in params]
-    if final_average:
-        with torch.no_grad():
-            mean = [sum(params[r][i] for r in range(n_replicas)) / n_replicas for i in range(len(params[0]))]
-            for r in range(n_replicas):
-                for p, v in zip(params[r], mean):
-                    p.copy_(v)
-    return [{f"net.{k}": v.detach().clone() for k, v in n.state_dict().items()} for n in nets]
+    return _finish(nets, params, final_average)
 
 
 def reference_choco(
@@ -170,10 +178,4 @@ def reference_choco(
                         p.copy_(v)
                     if not ok[r]:
                         opts[r].state.clear()
-    if final_average:
-        with torch.no_grad():
-            mean = [sum(params[r][i] for r in range(n_replicas)) / n_replicas for i in range(len(params[0]))]
-            for r in range(n_replicas):
-                for p, v in zip(params[r], mean):
-                    p.copy_(v)
-    return [{f"net.{k}": v.detach().clone() for k, v in m.state_dict().items()} for m in nets]
+    return _finish(nets, params, final_average)

@@ -309,9 +309,12 @@ def reference_fedspeed(
     return states(nets)
 
 
-def run_and_resume(tmp_path, module_factory, strategy_factory, total: int, at: int, n: int = 2):
+def run_and_resume(
+    tmp_path, module_factory, strategy_factory, total: int, at: int, n: int = 2, resumed_callbacks=()
+):
     """On ``n`` ranks: fit ``total`` steps uninterrupted; fit ``at`` steps with a checkpoint at step
-    ``at``; resume from it to ``total``. Returns (uninterrupted ranks, resumed ranks, checkpoint path)."""
+    ``at``; resume from it to ``total`` (with ``resumed_callbacks`` as well). Returns (uninterrupted
+    ranks, resumed ranks, checkpoint path)."""
     import lightning as L
     from helpers import SaveFinal, fit_fork, load_ranks, trainer_kwargs
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -330,7 +333,7 @@ def run_and_resume(tmp_path, module_factory, strategy_factory, total: int, at: i
     path = tmp_path / "ckpt" / "mid.ckpt"
     trainer = L.Trainer(
         strategy=strategy_factory(),
-        callbacks=[SaveFinal(tmp_path / "resumed")],
+        callbacks=[SaveFinal(tmp_path / "resumed"), *resumed_callbacks],
         **trainer_kwargs(devices=n, max_steps=total),
     )
     trainer.fit(module_factory(), ckpt_path=str(path))

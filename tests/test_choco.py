@@ -11,10 +11,8 @@ from helpers import (
     TIMEOUT,
     CountDistCalls,
     KnownBatchModule,
-    SaveFinal,
     assert_close_state,
     fit_fork,
-    load_ranks,
     make_net,
 )
 from test_gossip import PAYLOAD, SaveHistory, ring_matrix
@@ -219,8 +217,7 @@ def test_merge_from_switches_to_exact_global_merges_and_monitor_reports_the_rati
 def test_resume_mid_round_is_exact(tmp_path):
     """10 uninterrupted steps == 4 steps, checkpoint (mid-round), resume to 10: the public copies,
     the stochastic rounding's call counters and the byte counts are in the replica shards."""
-    from helpers import trainer_kwargs
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from reference_outer import run_and_resume
 
     from lightning_fedopt.strategies.replica import replica_shard_path
 
@@ -230,31 +227,20 @@ def test_resume_mid_round_is_exact(tmp_path):
         )
 
     w = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)  # ring(2): each other's only neighbour
-    full = fit_fork(tmp_path / "full", KnownBatchModule(), strategy(), max_steps=10)
-    ref = reference_choco(2, 10, lambda s: s % 3 == 0, w, lambda: Int8(block=16, rounding="stochastic"), 0.7)
-    for r in range(2):
-        assert_close_state(full[r]["state_dict"], ref[r], atol=1e-5)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="mid")
-    fit_fork(
-        tmp_path / "first",
-        KnownBatchModule(),
-        strategy(),
-        max_steps=4,
-        callbacks=[ckpt],
-        enable_checkpointing=True,
+    full, resumed, path = run_and_resume(
+        tmp_path,
+        KnownBatchModule,
+        strategy,
+        total=10,
+        at=4,
+        resumed_callbacks=[SaveRatio(tmp_path / "resumed")],
     )
-    path = tmp_path / "ckpt" / "mid.ckpt"
+    ref = reference_choco(2, 10, lambda s: s % 3 == 0, w, lambda: Int8(block=16, rounding="stochastic"), 0.7)
     shard = torch.load(replica_shard_path(path, 1), weights_only=False)["replica"]["choco"]
     assert sorted(shard["copies"]) == [0, 1]
     assert shard["compressor"]["gossip/net.0.weight"]["calls"] == 1  # one round before step 4
-    trainer = L.Trainer(
-        strategy=strategy(),
-        callbacks=[SaveFinal(tmp_path / "resumed"), SaveRatio(tmp_path / "resumed")],
-        **trainer_kwargs(max_steps=10),
-    )
-    trainer.fit(KnownBatchModule(), ckpt_path=str(path))
-    resumed = load_ranks(tmp_path / "resumed", 2)
     for r in range(2):
+        assert_close_state(full[r]["state_dict"], ref[r], atol=1e-5)
         assert_close_state(resumed[r]["state_dict"], full[r]["state_dict"], atol=0.0)
         for key in ("bytes_sent", "rounds"):
             assert resumed[r]["comm"]["by_op"]["send"][key] == full[r]["comm"]["by_op"]["send"][key]

@@ -309,31 +309,15 @@ def test_monitor_logs_consensus_distance_and_spectral_gap(tmp_path):
 def test_resume_mid_round_is_exact_with_time_varying_topology(tmp_path):
     """10 uninterrupted steps == 4 steps, checkpoint (mid-round), resume to 10: the round counter of a
     time-varying topology (a cycle of two matrices) and every replica are restored exactly."""
-    from helpers import SaveFinal, load_ranks, trainer_kwargs
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from reference_outer import run_and_resume
 
     cycle = [torch.tensor([[0.75, 0.25], [0.25, 0.75]]), torch.tensor([[0.9, 0.1], [0.1, 0.9]])]
-    full = fit_fork(tmp_path / "full", KnownBatchModule(), gossip(cycle, 3, final_sync=False), max_steps=10)
+    full, resumed, _ = run_and_resume(
+        tmp_path, KnownBatchModule, lambda: gossip(cycle, 3, final_sync=False), total=10, at=4
+    )
     ref = reference_gossip(2, 10, lambda s: s % 3 == 0, lambda t: cycle[t % 2].double())
     for r in range(2):
         assert_close_state(full[r]["state_dict"], ref[r], atol=1e-5)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="mid")
-    fit_fork(
-        tmp_path / "first",
-        KnownBatchModule(),
-        gossip(cycle, 3, final_sync=False),
-        max_steps=4,
-        callbacks=[ckpt],
-        enable_checkpointing=True,
-    )
-    trainer = L.Trainer(
-        strategy=gossip(cycle, 3, final_sync=False),
-        callbacks=[SaveFinal(tmp_path / "resumed")],
-        **trainer_kwargs(max_steps=10),
-    )
-    trainer.fit(KnownBatchModule(), ckpt_path=str(tmp_path / "ckpt" / "mid.ckpt"))
-    resumed = load_ranks(tmp_path / "resumed", 2)
-    for r in range(2):
         assert_close_state(resumed[r]["state_dict"], full[r]["state_dict"], atol=0.0)
 
 
