@@ -167,6 +167,49 @@ class CountDistCalls(L.Callback):
         )
 
 
+class IndexRecorder(L.LightningModule):
+    """A linear classifier on ``(x, y, index)`` batches that records the data-set indices of every
+    training batch it sees; its ``score_samples`` hook is the per-sample cross-entropy. Subclasses
+    provide ``train_dataloader``."""
+
+    def __init__(self, classes: int = 3, lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, classes)
+        self.lr = lr
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def score_samples(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class SaveSeen(L.Callback):
+    """Writes each rank's recorded batch indices and final weights to ``<out>/seen<r>.pt``."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"seen": pl_module.seen, "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()}},
+            self.out / f"seen{trainer.global_rank}.pt",
+        )
+
+
+def load_seen(out: str | os.PathLike, n: int) -> list[dict[str, Any]]:
+    return [torch.load(Path(out) / f"seen{r}.pt", weights_only=False) for r in range(n)]
+
+
 def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         accelerator="cpu",

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import fit_fork, trainer_kwargs
+from helpers import IndexRecorder, SaveSeen, fit_fork, load_seen, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,47 +32,15 @@ def given_scores(seed: int = 0) -> torch.Tensor:
     return torch.rand(N, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
 
 
-class IndexedModule(L.LightningModule):
-    """A linear classifier that records the data-set indices of every training batch it sees."""
+class IndexedModule(IndexRecorder):
+    """Samples this rank's part of PARTITION through a PartitionDataLoader."""
 
-    def __init__(self, lr: float = 0.1) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Linear(4, CLASSES)
-        self.lr = lr
+    def __init__(self) -> None:
+        super().__init__(classes=CLASSES)
         self.data = make_data()
-        self.seen: list[list[int]] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, idx = batch
-        self.seen.append(idx.tolist())
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def score_samples(self, batch: Any) -> torch.Tensor:
-        x, y, _ = batch
-        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
         return partition_dataloader(self.data, PARTITION, trainer=self.trainer, batch_size=BATCH, seed=5)
-
-
-class SaveSeen(L.Callback):
-    def __init__(self, out: Path) -> None:
-        self.out = Path(out)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"seen": pl_module.seen, "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()}},
-            self.out / f"seen{trainer.global_rank}.pt",
-        )
-
-
-def load_seen(out: Path, n: int) -> list[dict[str, Any]]:
-    return [torch.load(Path(out) / f"seen{r}.pt", weights_only=False) for r in range(n)]
 
 
 def expected_batches(

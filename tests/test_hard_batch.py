@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from helpers import trainer_kwargs
+from helpers import IndexRecorder, SaveSeen, fit_fork, load_seen, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,25 +22,7 @@ def make_data() -> TensorDataset:
     return TensorDataset(torch.randn(N, 4, generator=g), y, torch.arange(N))
 
 
-class Recorder(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Linear(4, 3)
-        self.seen: list[list[int]] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, idx = batch
-        self.seen.append(idx.tolist())
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def score_samples(self, batch: Any) -> torch.Tensor:
-        x, y, _ = batch
-        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
+class Recorder(IndexRecorder):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(make_data(), batch_size=POOL * MINI, shuffle=False)
 
@@ -126,7 +107,6 @@ def test_bad_input():
 
 def test_two_replicas_each_train_on_their_own_hardest_candidates(tmp_path):
     """Under a replica strategy on 2 real processes every rank selects from its own pools."""
-    from helpers import fit_fork
 
     class Parted(Recorder):
         def train_dataloader(self) -> DataLoader:
@@ -134,23 +114,19 @@ def test_two_replicas_each_train_on_their_own_hardest_candidates(tmp_path):
                 make_data(), lf.data.IID(seed=0), trainer=self.trainer, batch_size=POOL * MINI, shuffle=False
             )
 
-    class SaveSeen(L.Callback):
-        def on_fit_end(self, trainer, pl_module):
-            torch.save(pl_module.seen, tmp_path / f"seen{trainer.global_rank}.pt")
-
     score = lambda m, b: b[0][:, 0] * 1.0  # noqa: E731
     cb = lf.callbacks.HardBatchSelection(pool=POOL, fraction=0.5, score_fn=score)
     fit_fork(
         tmp_path / "run",
         Parted(),
         lf.LocalSGDStrategy(sync_every=2, start_method="fork"),
-        callbacks=[cb, SaveSeen()],
+        callbacks=[cb, SaveSeen(tmp_path)],
         max_steps=3,
     )
     x = make_data().tensors[0]
     part = lf.data.IID(seed=0).split(N, 2)
-    for r in range(2):
-        seen = torch.load(tmp_path / f"seen{r}.pt")
+    for r, rec in enumerate(load_seen(tmp_path, 2)):
+        seen = rec["seen"]
         order = torch.as_tensor(part[r])  # shuffle=False: the part in index order, one pool per step
         for t, got in enumerate(seen):
             pool_idx = order[t * POOL * MINI : (t + 1) * POOL * MINI].view(POOL, MINI)
