@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.types import ReduceOp
 from torch import Tensor
 
@@ -13,6 +15,34 @@ from lightning_fedopt.comm import CommStats, Communicator
 __all__ = ["CountedCollectives"]
 
 _OPS = {"avg": "mean", "mean": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+# Process-wide: whether the exit handler is registered, and whether a Trainer entry point was
+# interrupted by an exception since (then a peer may be stuck in a collective and tearing the group
+# down could block, so the handler leaves the group to torch).
+_EXIT_STATE = {"registered": False, "interrupted": False}
+
+
+def _destroy_group_at_exit() -> None:
+    """Destroy the default process group while the interpreter is still whole.
+
+    A process that exits with a gloo group alive can abort during interpreter finalisation (gloo's
+    worker threads release tensors after Python is gone: ``terminate called without an active
+    exception``, exit status 134). Lightning never destroys the group because a ``Trainer`` may be
+    used again (``fit`` then ``validate``), so the strategy does it once, at exit, if every entry
+    point ended normally; after an exception it stays as torch leaves it.
+    """
+    if _EXIT_STATE["interrupted"] or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # exit must not fail because the group was already half torn down
+        pass
+
+
+def _register_exit_cleanup() -> None:
+    if not _EXIT_STATE["registered"]:
+        atexit.register(_destroy_group_at_exit)
+        _EXIT_STATE["registered"] = True
 
 
 class CountedCollectives:
@@ -31,6 +61,12 @@ class CountedCollectives:
     def setup_environment(self) -> None:
         super().setup_environment()  # type: ignore[misc]
         self.comm = Communicator(stats=self.comm.stats)
+        if dist.is_available() and dist.is_initialized():
+            _register_exit_cleanup()
+
+    def on_exception(self, exception: BaseException) -> None:
+        _EXIT_STATE["interrupted"] = True
+        super().on_exception(exception)  # type: ignore[misc]
 
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Any:
         """Reduce a metric across ranks (``sync_dist=True``), counted under purpose ``"metrics"``."""

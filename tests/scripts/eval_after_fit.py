@@ -4,11 +4,14 @@ checkpoints in turn (the second must not reuse the first one's consensus).
     python tests/scripts/eval_after_fit.py OUT_DIR
 """
 
+import atexit
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,6 +22,11 @@ import lightning_fedopt as lf
 
 def main() -> None:
     out = Path(sys.argv[1])
+    # registered before the strategy's own exit handler, so (last in, first out) it runs after it:
+    # records whether the process group was torn down before the interpreter finalises
+    atexit.register(
+        lambda: (out / f"exit{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(str(dist.is_initialized()))
+    )
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     trainer = L.Trainer(
         strategy=lf.LocalSGDStrategy(sync_every=4, final_sync=False),
