@@ -14,6 +14,9 @@ The data is split once, by seed, into 80% training and 20% validation.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import torch
 from lightning import LightningDataModule, LightningModule
@@ -89,13 +92,28 @@ class DigitsClassifier(LightningModule):
     Args:
         hidden: width of the two hidden layers.
         lr: learning rate.
-        optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        momentum: SGD's momentum in [0, 1) (0 for DGC's recipe, where the compressor keeps the
+            momentum); ignored by AdamW.
+        schedule: ``"constant"`` learning rate, or ``"cosine"`` decay to 0 over the run's
+            optimizer steps (``Trainer.estimated_stepping_batches``).
     """
 
-    def __init__(self, hidden: int = 128, lr: float = 1e-3, optimizer: str = "adamw") -> None:
+    def __init__(
+        self,
+        hidden: int = 128,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        schedule: str = "constant",
+    ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}")
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
@@ -116,10 +134,20 @@ class DigitsClassifier(LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+            )
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        if self.hparams.schedule == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 def main() -> None:
