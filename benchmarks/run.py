@@ -135,6 +135,9 @@ OUTER_STRATEGIES = (
 )
 #: runnable by name but not part of the default list (experiments that need more ranks, ...)
 EXTRA_STRATEGIES: dict[str, tuple[str, Callable[[], Any]]] = {}
+#: name -> keyword arguments of ``DigitsClassifier`` that a row sets itself (its optimizer, lr, ...),
+#: over the run's ``--hidden``/``--lr``; rows not listed train the run's AdamW model
+MODEL_KWARGS: dict[str, dict[str, Any]] = {}
 
 
 def _register_benchmark_modules() -> None:
@@ -325,7 +328,7 @@ def worker(args: argparse.Namespace) -> None:
             callbacks=[recorder],
             default_root_dir=root,
         )
-        model = DigitsClassifier(hidden=args.hidden, lr=args.lr)
+        model = DigitsClassifier(**{"hidden": args.hidden, "lr": args.lr, **MODEL_KWARGS.get(name, {})})
         trainer.fit(model, DigitsDataModule(batch_size=args.batch_size, seed=args.seed, alpha=args.alpha))
     if trainer.is_global_zero:
         n_params = sum(p.numel() for p in model.parameters())
@@ -836,9 +839,14 @@ def runner(args: argparse.Namespace) -> None:
     ]
     summary, target = summarize(runs, args.target)
     n_params = runs[names[0]][0]["n_params"]
+    own = sorted(
+        {", ".join(f"{k}={v}" for k, v in MODEL_KWARGS[n].items()) for n in names if n in MODEL_KWARGS}
+    )
+    default = [f"AdamW lr {args.lr}"] if any(n not in MODEL_KWARGS for n in names) else []
+    optim = "; ".join(default + [f"rows' own {kw}" for kw in own])
     print(
         f"\n=== {name}: DigitsClassifier(hidden={args.hidden}, {n_params} parameters, "
-        f"{4 * n_params / 1e3:.1f} kB fp32), AdamW lr {args.lr}, batch {args.batch_size} per replica, "
+        f"{4 * n_params / 1e3:.1f} kB fp32), {optim}, batch {args.batch_size} per replica, "
         f"{args.devices} replicas, {mode} ==="
     )
     print_table(summary, target)

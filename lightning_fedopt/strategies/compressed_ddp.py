@@ -4,8 +4,9 @@
 (Lightning's DDP with counted traffic) whose DDP communication hook averages each gradient bucket
 through :meth:`~lightning_fedopt.comm.Communicator.all_reduce_compressed`, so it works on gloo
 (CPU) as well as NCCL. Presets: ``"compressed_ddp"`` (int8), ``"dgc"`` (Deep Gradient
-Compression: top-k at 0.1% with momentum correction, clipping and the warm-up density schedule,
-Lin et al., arXiv 1712.01887) and ``"onebit"`` (1-bit Adam, arXiv 2102.02888: the module's
+Compression: top-k at 0.1% with momentum correction and the warm-up density schedule, Lin et al.,
+arXiv 1712.01887; the module's optimizer should be SGD without momentum, and local gradient clipping
+is ``TopK(clip_norm=...)``, whose threshold depends on the model) and ``"onebit"`` (1-bit Adam, arXiv 2102.02888: the module's
 optimizer must be :class:`~lightning_fedopt.compression.OneBitAdam`).
 
 With a :class:`~lightning_fedopt.compression.OneBitAdam` optimizer the hook averages gradients in
