@@ -345,6 +345,10 @@ def worker(args: argparse.Namespace) -> None:
             "final": recorder.final,
         }
         Path(args.out).write_text(json.dumps(result))
+    # the baselines run Lightning's own DDPStrategy, which leaves the gloo group alive: tear it down
+    # here, or the process can abort at interpreter exit (lightning_fedopt's strategies do it at exit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 _REFERENCE_DESCRIPTION = {
