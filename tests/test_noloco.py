@@ -23,7 +23,8 @@ def test_pair_groups_cover_every_replica_once():
 
 def test_noloco_three_ranks_matches_reference_without_collectives(tmp_path):
     """3 replicas (one sits out each round), H=3, 12 steps, no final sync: each rank equals the
-    reference, and during training no collective was made at all (only batched point-to-point)."""
+    reference (the paper's two-term formula), during training no collective was made at all (only
+    batched point-to-point), and each exchange sent one model (fp32 parameters + a finite flag)."""
     tmp_path.mkdir(exist_ok=True)
     ranks = fit_fork(
         tmp_path / "out",
@@ -46,6 +47,12 @@ def test_noloco_three_ranks_matches_reference_without_collectives(tmp_path):
         )
         paired = sum(len(g) == 2 and r in g for k in range(4) for g in pair_groups(k, 3, seed=5))
         assert p2p == paired and exchanges == paired
+        sent = (
+            rec["after"]["by_op"]["send"]["bytes_sent"]
+            - rec["before"]["by_op"].get("send", {"bytes_sent": 0})["bytes_sent"]
+        )
+        n_values = sum(v.numel() for v in ref[r].values())
+        assert sent == paired * 4 * (n_values + 1)
     assert not torch.equal(ranks[0]["state_dict"]["net.0.weight"], ranks[1]["state_dict"]["net.0.weight"])
 
 

@@ -11,16 +11,19 @@ the permutation sits the round out). Each pair exchanges its tensors point-to-po
 * ``m_i <- beta m_i + alpha g + alpha (phi_bar - phi_i)``,
 * ``phi_i <- phi_i + m_i``; ``theta_i <- phi_i``.
 
+The two terms share ``alpha``, and ``g + phi_bar - phi_i = mean_{j in G} theta_j - phi_i``: the update
+needs only the partners' local models. So a message is ``theta_j`` (and a finite flag), one model's
+worth of bytes, not the two (progress and global weights) the formula names; the result is the
+same up to floating-point rounding (the tests check it against the formula as written).
+
 Buffers (BatchNorm statistics) are averaged within the group. Nothing is broadcast or
 all-reduced during training: Lightning's SIGTERM flag is checked on each rank by itself.
 Evaluation and the final model use the mean of all replicas (an all-reduce at those points only).
 
-No ``compressor=``: a pair's message is mostly absolute state (the partner's global weights
-``phi_j``; equivalently its model, since ``g + phi_bar`` is the group's mean model), and partners
-change every round, so there is no copy both sides share to send differences against (CHOCO's
-public copies need fixed neighbours, :class:`~lightning_fedopt.strategies.gossip.GossipStrategy`)
-and no fixed receiver for error feedback to compensate. Only the progress half is an increment
-that compresses well, which would save less than 2x.
+No ``compressor=``: a pair's message is absolute state (the partner's model), and partners change
+every round, so there is no copy both sides share to send differences against (CHOCO's public
+copies need fixed neighbours, :class:`~lightning_fedopt.strategies.gossip.GossipStrategy`) and no
+fixed receiver for error feedback to compensate.
 """
 
 from __future__ import annotations
@@ -169,11 +172,10 @@ class NoLoCoStrategy(ReplicaStrategy):
         group = next(g for g in self.groups(self._sync_count) if me in g)
         finite = self.is_finite(tensors)
         with torch.no_grad():
-            progress = [(t - g) if p else t for t, g, p in zip(tensors, self._global, self._is_param)]
-            # one message: progress, global weights, finite flag (in the weights' dtype when they share one)
+            # one message: the local model and a finite flag (in the weights' dtype when they share one)
             dtype = tensors[0].dtype if len({t.dtype for t in tensors}) == 1 else torch.float64
             flag = torch.tensor([float(finite)], dtype=dtype, device=tensors[0].device)
-            mine = torch.cat([_flat(progress, dtype), _flat(self._global, dtype), flag])
+            mine = torch.cat([_flat(tensors, dtype), flag])
         members: dict[int, Tensor] = {me: mine}
         peers = [j for j in group if j != me]
         if peers:
@@ -187,22 +189,20 @@ class NoLoCoStrategy(ReplicaStrategy):
                 f"lightning_fedopt: replicas {sorted(members)} all have non-finite weights at step "
                 f"{self.replica_step}; nothing is left to average (resume from the last checkpoint)"
             )
-        half = (mine.numel() - 1) // 2
-        g_bar = sum(members[j][:half] for j in ok) / len(ok)
-        phi_bar = sum(members[j][half:-1] for j in ok) / len(ok)
-        g_list, phi_bar_list = _unflat(g_bar, tensors), _unflat(phi_bar, tensors)
+        # mean model of the group's finite members: alpha (g + phi_bar - phi_i) = alpha (theta_bar - phi_i)
+        theta_bar = _unflat(sum(members[j][:-1] for j in ok) / len(ok), tensors)
         a, b = self.outer_lr, self.outer_momentum
         with torch.no_grad():
             for i, t in enumerate(tensors):
                 if not self._is_param[i]:
-                    self._global[i].copy_(g_list[i])  # buffers: the group's mean
+                    self._global[i].copy_(theta_bar[i])  # buffers: the group's mean
                 elif finite:
                     m = self._momentum[i]
-                    m.mul_(b).add_(g_list[i], alpha=a).add_(phi_bar_list[i] - self._global[i], alpha=a)
+                    m.mul_(b).add_(theta_bar[i] - self._global[i], alpha=a)
                     self._global[i].add_(m)
-                else:  # a diverged replica restarts from its group's mean global weights
+                else:  # a diverged replica restarts from its finite partners' mean model
                     self._momentum[i].zero_()
-                    self._global[i].copy_(phi_bar_list[i])
+                    self._global[i].copy_(theta_bar[i])
                 t.copy_(self._global[i])
         if n_bad:
             self.record_nonfinite(n_bad, local=not finite)
