@@ -47,6 +47,29 @@ def test_matches_reference_h4(tmp_path):
     assert ranks[0]["sync_count"] == 3 + 1  # 3 scheduled + the final one
 
 
+@pytest.mark.parametrize("per_rank_init", [False, True])
+def test_initial_sync_check_broadcasts_only_when_replicas_differ(tmp_path, per_rank_init):
+    """``initial_sync="check"``: replicas that start from the same weights exchange only their
+    32-byte digests (no broadcast); replicas that differ still get rank 0's weights. Either way every
+    rank ends as the reference does."""
+    module = KnownBatchModule(init_seed_per_rank=per_rank_init)
+    ranks = fit_fork(tmp_path, module, local_sgd(sync_every=4, initial_sync="check"), max_steps=8)
+    ref = reference_local_sgd(2, 8, lf.Periodic(4), init_offset=1.0 if per_rank_init else 0.0)
+    n_bytes = 4 * sum(v.numel() for v in ref[0].values())
+    for r in range(2):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-6)
+        setup = ranks[r]["comm"]["by_purpose"]["setup"]  # start-up traffic: digests (+ broadcast)
+        if per_rank_init:  # rank 0 sends the model, rank 1 receives it
+            assert setup["bytes_sent" if r == 0 else "bytes_received"] == 32 + n_bytes
+        else:  # one digest out, one in
+            assert setup["bytes_sent"] == 32 and setup["bytes_received"] == 32
+
+
+def test_initial_sync_bad_value():
+    with pytest.raises(ValueError, match="`initial_sync`"):
+        lf.LocalSGDStrategy(initial_sync="skip")
+
+
 def test_post_local_sgd_warmup_matches_reference(tmp_path):
     ranks = fit_fork(tmp_path, KnownBatchModule(), local_sgd(sync_every=5, warmup_steps=3), max_steps=13)
     ref = reference_local_sgd(2, 13, lf.Periodic(5, warmup_steps=3))

@@ -36,6 +36,7 @@ they keep state between rounds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -67,6 +68,7 @@ __all__ = ["ReplicaStrategy"]
 
 _EVALUATE = ("consensus", "local")
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_INITIAL_SYNC = ("broadcast", "check")
 CHECKPOINT_KEY = "lightning_fedopt"
 CHECKPOINT_FORMAT = 1
 
@@ -82,6 +84,20 @@ def replica_shard_path(filepath: str | os.PathLike, rank: int) -> str:
     if "://" not in path:
         path = os.path.realpath(path)
     return f"{path}.replicas/rank{rank}.pt"
+
+
+def state_digest(tensors: list[Tensor]) -> Tensor:
+    """SHA-256 of the tensors' dtypes, shapes and bytes, as 32 ``uint8`` values on the CPU.
+
+    Two replicas have the same digest when their tensors are bit-for-bit equal (up to SHA-256
+    collisions); ``-0.0`` and ``0.0`` or two NaN payloads count as different, as they are.
+    """
+    h = hashlib.sha256()
+    for t in tensors:
+        data = t.detach().contiguous().cpu()
+        h.update(f"{data.dtype}{tuple(data.shape)};".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
 class _ManualOptimizationHooks(Callback):
@@ -127,6 +143,11 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
             replica computes only while its compute time in the round is below ``round_seconds``
             and skips the round's remaining batches; algorithms that support it normalise each
             replica's update by the number of steps it managed (FedNova-style). None: off.
+        initial_sync: how a new ``fit`` makes the replicas identical. ``"broadcast"`` (default):
+            every rank receives rank 0's weights and buffers. ``"check"``: the ranks first compare
+            a SHA-256 digest of their weights and buffers (32 bytes each, all-gathered) and rank 0
+            broadcasts only if some rank differs, e.g. when every site loaded the same checkpoint
+            or seeded the same initialisation, the model never crosses the slow link at start-up.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy``
             (``start_method`` is ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``).
@@ -168,6 +189,7 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
         include_frozen: bool = True,
         group_size: int = 1,
         round_seconds: float | None = None,
+        initial_sync: str = "broadcast",
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -200,6 +222,8 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
                 )
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got {start_method!r}")
+        if initial_sync not in _INITIAL_SYNC:
+            raise ValueError(f"`initial_sync` must be one of {_INITIAL_SYNC}, got {initial_sync!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -217,6 +241,7 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
         self.comm = Communicator()
         self.group_size = group_size
         self.round_seconds = None if round_seconds is None else float(round_seconds)
+        self.initial_sync = initial_sync
         self._outer_comm: Communicator | None = None
         self._inner_comm: Communicator | None = None
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
@@ -431,10 +456,30 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
             else:
                 # evaluation without a fit (or of another module): start every rank from rank 0's weights
                 self._algorithm_ready = False
-                self.comm.broadcast(self._module_state_tensors(), src=0, purpose="setup")
+                self._start_identical()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _start_identical(self) -> None:
+        """Give every replica rank 0's weights and buffers (``initial_sync``)."""
+        tensors = self._module_state_tensors()
+        comm = self.comm
+        if self.initial_sync == "check" and comm.available and comm.world_size > 1:
+            device = tensors[0].device if tensors else self.root_device
+            digests = comm.all_gather(state_digest(tensors).to(device), purpose="setup").wait()
+            differ = [r for r, d in enumerate(digests) if not torch.equal(d, digests[0])]
+            if not differ:
+                log.info(
+                    "lightning_fedopt: all %d replicas start from the same weights; nothing broadcast",
+                    comm.world_size,
+                )
+                return
+            log.info(
+                "lightning_fedopt: ranks %s start from other weights than rank 0: broadcasting rank 0's",
+                differ,
+            )
+        comm.broadcast(tensors, src=0, purpose="setup")
 
     def _check_group_size(self, world_size: int) -> None:
         if world_size % self.group_size:
@@ -475,7 +520,7 @@ class ReplicaStrategy(CountedCollectives, DDPStrategy):
             self.comm.stats = stats
             stats.reset()
         if not self._weights_from_shard:
-            self.comm.broadcast(self._module_state_tensors(), src=0, purpose="setup")
+            self._start_identical()
         self._setup_groups()
         module = self.lightning_module
         if self.round_seconds is not None and module is not None and not module.automatic_optimization:
