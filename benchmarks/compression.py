@@ -53,6 +53,7 @@ DEFAULT_ROWS = (
     "diloco",
     "diloco_int8",
     "diloco_int4",
+    "diloco_int4_check",
 )
 
 
@@ -185,6 +186,11 @@ ROWS: dict[str, tuple[str, Callable[[], Any]]] = {
         "DiLoCoStrategy(sync_every=64, compressor='int4'): int4 pseudo-gradients",
         lambda: _diloco(compressor="int4"),
     ),
+    "diloco_int4_check": (
+        "DiLoCoStrategy(sync_every=64, compressor='int4', initial_sync='check'): the ranks, seeded alike, "
+        "compare digests instead of broadcasting the model at start-up",
+        lambda: _diloco(compressor="int4", initial_sync="check"),
+    ),
 }
 
 
@@ -257,6 +263,7 @@ GOALS = (
     ("dgc_sgd_paper_warmup", "ddp_sgd", 2.0, 100.0, "DGC with the paper's 4-stage warm-up: same goal"),
     ("topk_sgd", "ddp_sgd", 2.0, 100.0, "top-k 0.1% + EF (SGD, 1.1M parameters): same goal"),
     ("diloco_int4", "ddp", 5.0, 400.0, "DiLoCo + Int4: within 5%, >= 400x fewer bytes"),
+    ("diloco_int4_check", "ddp", 5.0, 400.0, "DiLoCo + Int4, initial_sync='check': the same goal"),
     ("local_sgd_h64_int4", "ddp", 5.0, 400.0, "Local SGD H=64 + Int4: the same goal as DiLoCo + Int4"),
 )
 
@@ -293,8 +300,11 @@ def print_goals(summary_csv: Path) -> None:
             r, ref = rows[name], rows[base]
             dl = 100 * (float(r["final_val_loss"]) / float(ref["final_val_loss"]) - 1)
             x = float(ref["sync_bytes_sent"]) / float(r["sync_bytes_sent"])
-            ok = dl <= pct and x >= times
-            print(f"goal {what}: {dl:+.1f}%, {x:.0f}x -> {'MET' if ok else 'NOT met'}")
+            x_all = float(ref["bytes_sent"]) / float(r["bytes_sent"])
+            verdict = "NOT met"
+            if dl <= pct and x >= times:
+                verdict = "MET" if x_all >= times else "MET on the sync bytes, not on all bytes"
+            print(f"goal {what}: {dl:+.1f}%, {x:.0f}x sync bytes ({x_all:.0f}x all) -> {verdict}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
