@@ -5,6 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import trainer_kwargs
 
 from examples.digits import DigitsClassifier, DigitsDataModule
 
@@ -33,17 +34,7 @@ def test_sgd_momentum_and_cosine_schedule_over_the_run():
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     model = DigitsClassifier(hidden=8, lr=lr, optimizer="sgd", momentum=0.0, schedule="cosine")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[Record()],
-    )
+    trainer = L.Trainer(**trainer_kwargs(devices=1, max_steps=steps, callbacks=[Record()]))
     trainer.fit(model, DigitsDataModule(batch_size=16))
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.0
