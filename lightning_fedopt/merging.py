@@ -31,13 +31,15 @@ Operators (``Merge(method, ...)``; formulas as in mergekit's documentation):
 =======================  ==========================================================================
 
 Weights ``w_k`` are each contribution's ``weight`` (1 by default); the robust operators ignore them.
+``task_arithmetic`` and ``dare`` *add* the weighted deltas, as merging different tasks' vectors
+needs; to average N replicas' updates instead, give weights that sum to 1 (as
+:class:`~lightning_fedopt.strategies.LocalSGDStrategy`'s merged rounds do).
 Non-floating tensors (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first contribution.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_fedopt._merge_ops import (
+    Context,
+    op_dare,
+    op_krum,
+    op_mean,
+    op_median,
+    op_model_stock,
+    op_nna,
+    op_slerp,
+    op_task_arithmetic,
+    op_ties,
+    op_trimmed_mean,
+    op_variance_corrected,
+)
+from lightning_fedopt._validate import check_float, check_int
 
 __all__ = [
     "MERGES",
@@ -77,10 +95,10 @@ class Contribution:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(
-                f"`weight` of contribution {self.key} must be a finite number > 0, got {self.weight!r}"
-            )
+        try:
+            check_float("weight", self.weight, low=0, low_open=True)
+        except ValueError as e:
+            raise ValueError(f"contribution {self.key}: {e}") from None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -164,238 +182,31 @@ class ContributionSet:
         return f"ContributionSet({self.keys()})"
 
 
-# ====================================================================== operators on whole models
-# Each operator: (models in canonical order, weights, context) -> merged float tensors.
-# ``models[k][p]`` is tensor p of contribution k, already float64.
-
-
-@dataclass
-class _Context:
-    seed: int
-    names: Sequence[str] | None
-    base: list[Tensor] | None
-    reference: list[Tensor] | None
-
-
-def _need_base(ctx: _Context, method: str) -> list[Tensor]:
-    if ctx.base is None:
-        raise ValueError(f"merge {method!r} needs `base=` (the model the deltas are taken from)")
-    return ctx.base
-
-
-def _wmean(models: list[list[Tensor]], weights: list[float], p: int) -> Tensor:
-    total = sum(weights)
-    acc = torch.zeros_like(models[0][p])
-    for m, w in zip(models, weights):
-        acc += m[p] * w
-    return acc / total
-
-
-def _op_mean(models: list[list[Tensor]], weights: list[float], ctx: _Context, **_: Any) -> list[Tensor]:
-    return [_wmean(models, weights, p) for p in range(len(models[0]))]
-
-
-def _op_slerp(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, t: float = 0.5, **_: Any
-) -> list[Tensor]:
-    if len(models) != 2:
-        raise ValueError(f"merge 'slerp' takes exactly 2 contributions, got {len(models)}")
-    out = []
-    for a, b in zip(*models):
-        va, vb = a.reshape(-1), b.reshape(-1)
-        na, nb = va.norm(), vb.norm()
-        cos = float((va @ vb) / (na * nb)) if na > 0 and nb > 0 else 1.0
-        if abs(cos) > 0.9995:
-            out.append((1 - t) * a + t * b)
-            continue
-        omega = math.acos(max(-1.0, min(1.0, cos)))
-        s = math.sin(omega)
-        out.append(math.sin((1 - t) * omega) / s * a + math.sin(t * omega) / s * b)
-    return out
-
-
-def _op_task_arithmetic(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, scale: float = 1.0, **_: Any
-) -> list[Tensor]:
-    base = _need_base(ctx, "task_arithmetic")
-    return [
-        base[p]
-        + scale * sum((w * (m[p] - base[p]) for m, w in zip(models, weights)), torch.zeros_like(base[p]))
-        for p in range(len(base))
-    ]
-
-
-def _trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``ceil(density * n)`` entries of largest magnitude (ties: lower index first)."""
-    flat = delta.reshape(-1)
-    k = math.ceil(density * flat.numel() - 1e-9)
-    if k >= flat.numel():
-        return delta.clone()
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    out = torch.zeros_like(flat)
-    out[order[:k]] = flat[order[:k]]
-    return out.view_as(delta)
-
-
-def _op_ties(
-    models: list[list[Tensor]],
-    weights: list[float],
-    ctx: _Context,
-    density: float = 0.5,
-    scale: float = 1.0,
-    **_: Any,
-) -> list[Tensor]:
-    base = _need_base(ctx, "ties")
-    out = []
-    for p in range(len(base)):
-        trimmed = [_trim(m[p] - base[p], density) for m in models]
-        elected = torch.sign(sum((w * d for d, w in zip(trimmed, weights)), torch.zeros_like(base[p])))
-        num = torch.zeros_like(base[p])
-        den = torch.zeros_like(base[p])
-        for d, w in zip(trimmed, weights):
-            agree = (torch.sign(d) == elected) & (d != 0)
-            num += torch.where(agree, w * d, torch.zeros_like(d))
-            den += agree.to(d.dtype) * w
-        merged = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
-        out.append(base[p] + scale * merged)
-    return out
-
-
-def _op_dare(
-    models: list[list[Tensor]],
-    weights: list[float],
-    ctx: _Context,
-    density: float = 0.5,
-    scale: float = 1.0,
-    **_: Any,
-) -> list[Tensor]:
-    base = _need_base(ctx, "dare")
-    gen = torch.Generator().manual_seed(ctx.seed)
-    acc = [torch.zeros_like(b) for b in base]
-    for m, w in zip(models, weights):  # canonical order: contribution-major, tensor-minor draws
-        for p in range(len(base)):
-            keep = torch.rand(base[p].shape, generator=gen, dtype=torch.float64) < density
-            delta = (m[p] - base[p]) * keep.to(base[p].device) / density
-            acc[p] += w * delta
-    return [b + scale * a for b, a in zip(base, acc)]
-
-
-def _op_model_stock(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, **_: Any
-) -> list[Tensor]:
-    base = _need_base(ctx, "model_stock")
-    n = len(models)
-    if n < 2:
-        raise ValueError("merge 'model_stock' needs at least 2 contributions")
-    out = []
-    for p in range(len(base)):
-        deltas = [(m[p] - base[p]).reshape(-1) for m in models]
-        coss = []
-        for i in range(n):
-            for j in range(i + 1, n):
-                ni, nj = deltas[i].norm(), deltas[j].norm()
-                coss.append(float(deltas[i] @ deltas[j] / (ni * nj)) if ni > 0 and nj > 0 else 1.0)
-        cos = sum(coss) / len(coss)
-        t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
-        mean = sum((m[p] for m in models), torch.zeros_like(base[p])) / n
-        out.append(t * mean + (1 - t) * base[p])
-    return out
-
-
-_BN_STATS = ("running_mean", "running_var")
-
-
-def _op_variance_corrected(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, eps: float = 1e-4, **_: Any
-) -> list[Tensor]:
-    out = []
-    for p in range(len(models[0])):
-        mean = _wmean(models, weights, p)
-        name = ctx.names[p] if ctx.names is not None else ""
-        if mean.numel() <= 1 or name.rsplit(".", 1)[-1] in _BN_STATS:
-            out.append(mean)
-            continue
-        target = sum(float(m[p].var(unbiased=False)) for m in models) / len(models)
-        mu, var = mean.mean(), float(mean.var(unbiased=False))
-        out.append((mean - mu) * math.sqrt((target + eps) / (var + eps)) + mu)
-    return out
-
-
-def _check_f(method: str, n: int, f: int, need: int) -> None:
-    if n < need:
-        raise ValueError(f"merge {method!r} with f={f} needs at least {need} contributions, got {n}")
-
-
-def _op_median(models: list[list[Tensor]], weights: list[float], ctx: _Context, **_: Any) -> list[Tensor]:
-    out = []
-    n = len(models)
-    for p in range(len(models[0])):
-        s = torch.stack([m[p] for m in models]).sort(dim=0).values
-        out.append(s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
-    return out
-
-
-def _op_trimmed_mean(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, f: int = 1, **_: Any
-) -> list[Tensor]:
-    n = len(models)
-    _check_f("trimmed_mean", n, f, 2 * f + 1)
-    return [
-        torch.stack([m[p] for m in models]).sort(dim=0).values[f : n - f].mean(0)
-        for p in range(len(models[0]))
-    ]
-
-
-def _sq_dist(a: list[Tensor], b: list[Tensor]) -> float:
-    return sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
-
-
-def _op_nna(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, f: int = 1, **_: Any
-) -> list[Tensor]:
-    if ctx.reference is None:
-        raise ValueError("merge 'nna' needs `reference=` (the merging replica's own model)")
-    n = len(models)
-    _check_f("nna", n, f, f + 1)
-    d = [_sq_dist(m, ctx.reference) for m in models]
-    chosen = sorted(range(n), key=lambda k: (d[k], k))[: n - f]
-    return [
-        sum((models[k][p] for k in chosen), torch.zeros_like(models[0][p])) / len(chosen)
-        for p in range(len(models[0]))
-    ]
-
-
-def _op_krum(
-    models: list[list[Tensor]], weights: list[float], ctx: _Context, f: int = 1, m: int = 1, **_: Any
-) -> list[Tensor]:
-    n = len(models)
-    _check_f("krum", n, f, 2 * f + 3)
-    d = [[_sq_dist(models[i], models[j]) for j in range(n)] for i in range(n)]
-    scores = [sum(sorted(d[i][j] for j in range(n) if j != i)[: n - f - 2]) for i in range(n)]
-    chosen = sorted(range(n), key=lambda k: (scores[k], k))[: min(m, n)]
-    return [
-        sum((models[k][p] for k in chosen), torch.zeros_like(models[0][p])) / len(chosen)
-        for p in range(len(models[0]))
-    ]
-
-
 #: name -> (operator, allowed parameters)
 MERGES: dict[str, tuple[Callable[..., list[Tensor]], tuple[str, ...]]] = {
-    "mean": (_op_mean, ()),
-    "weighted": (_op_mean, ()),
-    "slerp": (_op_slerp, ("t",)),
-    "task_arithmetic": (_op_task_arithmetic, ("scale",)),
-    "ties": (_op_ties, ("density", "scale")),
-    "dare": (_op_dare, ("density", "scale", "seed")),
-    "model_stock": (_op_model_stock, ()),
-    "variance_corrected": (_op_variance_corrected, ("eps",)),
-    "median": (_op_median, ()),
-    "trimmed_mean": (_op_trimmed_mean, ("f",)),
-    "nna": (_op_nna, ("f",)),
-    "krum": (_op_krum, ("f", "m")),
+    "mean": (op_mean, ()),
+    "weighted": (op_mean, ()),
+    "slerp": (op_slerp, ("t",)),
+    "task_arithmetic": (op_task_arithmetic, ("scale",)),
+    "ties": (op_ties, ("density", "scale")),
+    "dare": (op_dare, ("density", "scale", "seed")),
+    "model_stock": (op_model_stock, ()),
+    "variance_corrected": (op_variance_corrected, ("eps",)),
+    "median": (op_median, ()),
+    "trimmed_mean": (op_trimmed_mean, ("f",)),
+    "nna": (op_nna, ("f",)),
+    "krum": (op_krum, ("f", "m")),
 }
 #: operators that must see every contribution (an all-reduce cannot compute them)
 ROBUST = ("median", "trimmed_mean", "nna", "krum")
+# the parameters' ranges (check_float / check_int keywords)
+_FLOAT_PARAMS: dict[str, dict[str, Any]] = {
+    "density": {"low": 0, "high": 1, "low_open": True},
+    "t": {"low": 0, "high": 1},
+    "scale": {},
+    "eps": {"low": 0, "low_open": True},
+}
+_INT_PARAMS = {"f": 0, "m": 1, "seed": 0}
 
 
 class Merge:
@@ -417,7 +228,7 @@ class Merge:
         >>> Merge("ties", density=1.5)
         Traceback (most recent call last):
         ...
-        ValueError: merge 'ties': `density` must be in (0, 1], got 1.5
+        ValueError: merge 'ties': `density` must be a finite number in (0, 1], got 1.5
     """
 
     def __init__(self, method: str = "mean", **params: Any) -> None:
@@ -432,26 +243,14 @@ class Merge:
         self._check()
 
     def _check(self) -> None:
-        p, m = self.params, self.method
-
-        def bad(name: str, rng: str) -> ValueError:
-            return ValueError(f"merge {m!r}: `{name}` must be {rng}, got {p[name]!r}")
-
-        def num(name: str) -> bool:
-            v = p[name]
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if "density" in p and not (num("density") and 0 < p["density"] <= 1):
-            raise bad("density", "in (0, 1]")
-        if "t" in p and not (num("t") and 0 <= p["t"] <= 1):
-            raise bad("t", "in [0, 1]")
-        if "scale" in p and not num("scale"):
-            raise bad("scale", "a finite number")
-        if "eps" in p and not (num("eps") and p["eps"] > 0):
-            raise bad("eps", "> 0")
-        for name, low in (("f", 0), ("m", 1), ("seed", 0)):
-            if name in p and (isinstance(p[name], bool) or not isinstance(p[name], int) or p[name] < low):
-                raise bad(name, f"an integer >= {low}")
+        try:
+            for name, value in self.params.items():
+                if name in _INT_PARAMS:
+                    check_int(name, value, low=_INT_PARAMS[name])
+                else:
+                    check_float(name, value, **_FLOAT_PARAMS[name])
+        except ValueError as e:
+            raise ValueError(f"merge {self.method!r}: {e}") from None
 
     @property
     def robust(self) -> bool:
@@ -500,7 +299,7 @@ class Merge:
             return [ts[i].detach().to(torch.float64) for i in fidx]
 
         models = [f64(c.tensors) for c in items]
-        ctx = _Context(
+        ctx = Context(
             seed=(s.digest() ^ int(self.params.get("seed", 0)) * 0x9E3779B97F4A7C15) % (2**63 - 1),
             names=[names[i] for i in fidx] if names is not None else None,
             base=f64(base) if base is not None else None,

@@ -410,3 +410,19 @@ def test_parameters_unfrozen_later_are_synchronised(tmp_path, include_frozen):
     same = torch.equal(ranks[0]["state_dict"]["net.0.weight"], ranks[1]["state_dict"]["net.0.weight"])
     assert same is include_frozen  # with include_frozen=False the user promised it stays frozen
     torch.testing.assert_close(ranks[0]["state_dict"]["net.2.weight"], ranks[1]["state_dict"]["net.2.weight"])
+
+
+def test_round_seconds_with_optimizer_state_averaging(tmp_path):
+    """``round_seconds`` with ``average_optimizer_state=True`` used to crash at the first round
+    (the optimizer-state weight was never set on the FedNova path). With a budget nobody exhausts,
+    every replica takes all H steps, the normalised average is the plain mean and the optimizer
+    statistics are averaged uniformly: the reference's numbers."""
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(optimizer="adam", lr=0.01),
+        local_sgd(sync_every=4, round_seconds=600.0, average_optimizer_state=True),
+        max_steps=8,
+    )
+    ref = reference_local_sgd(2, 8, lf.Periodic(4), optimizer="adam", lr=0.01, average_optimizer_state=True)
+    for r in range(2):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)

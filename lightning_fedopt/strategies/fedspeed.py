@@ -16,14 +16,16 @@ At the end of the round ``g_hat_i <- g_hat_i - (x_K - x^t) / lambda`` and the re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_float
 from lightning_fedopt.schedules import SyncSchedule
+from lightning_fedopt.strategies._sam import perturbed, sam_offsets
 from lightning_fedopt.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = ["FedSpeedStrategy"]
@@ -62,12 +64,9 @@ class FedSpeedStrategy(LocalSGDStrategy):
         prox_lambda: float = 10.0,
         **kwargs: Any,
     ) -> None:
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"`rho` must be a finite number >= 0, got {rho!r}")
-        if not (isinstance(perturb_alpha, (int, float)) and 0.0 <= perturb_alpha <= 1.0):
-            raise ValueError(f"`perturb_alpha` must be in [0, 1], got {perturb_alpha!r}")
-        if not (isinstance(prox_lambda, (int, float)) and math.isfinite(prox_lambda) and prox_lambda > 0):
-            raise ValueError(f"`prox_lambda` must be a finite number > 0, got {prox_lambda!r}")
+        rho = check_float("rho", rho, low=0.0)
+        perturb_alpha = check_float("perturb_alpha", perturb_alpha, low=0.0, high=1.0)
+        prox_lambda = check_float("prox_lambda", prox_lambda, low=0.0, low_open=True)
         for name, ok in (
             ("participation", kwargs.get("participation", 1.0) == 1.0),
             ("adaptive_weights", not kwargs.get("adaptive_weights", False)),
@@ -79,19 +78,20 @@ class FedSpeedStrategy(LocalSGDStrategy):
                     f"FedSpeedStrategy does not support `{name}` (full participation, no groups)"
                 )
         super().__init__(sync_every, **kwargs)
-        self.rho = float(rho)
-        self.perturb_alpha = float(perturb_alpha)
-        self.prox_lambda = float(prox_lambda)
+        self.rho = rho
+        self.perturb_alpha = perturb_alpha
+        self.prox_lambda = prox_lambda
         self._correction: list[Tensor] = []
         self._param_idx: set[int] = set()
 
     # ---------------------------------------------------------------- state
+    @override
     def setup_algorithm(self) -> None:
         super().setup_algorithm()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.accumulate_grad_batches > 1:
             raise ValueError("FedSpeedStrategy does not support `accumulate_grad_batches` > 1")
-        self._global = [t.detach().clone() for t in self.tracked_tensors()]  # x^t
+        self._last_average = [t.detach().clone() for t in self.tracked_tensors()]  # x^t
         self._correction = [torch.zeros_like(t) for t in self.tracked_tensors()]
         module = self.lightning_module
         assert module is not None
@@ -99,12 +99,14 @@ class FedSpeedStrategy(LocalSGDStrategy):
             self._tracked_ids[id(p)] for p in module.parameters() if id(p) in self._tracked_ids
         }
 
+    @override
     def replica_state_dict(self) -> dict[str, Any]:
         return {
             **super().replica_state_dict(),
             "correction": [c.detach().cpu().clone() for c in self._correction],
         }
 
+    @override
     def load_replica_state_dict(self, state: dict[str, Any]) -> None:
         super().load_replica_state_dict(state)
         if len(state.get("correction", [])) == len(self._correction):
@@ -113,6 +115,7 @@ class FedSpeedStrategy(LocalSGDStrategy):
                     dst.copy_(src)
 
     # ---------------------------------------------------------------- the local step
+    @override
     def optimizer_step(
         self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
@@ -134,15 +137,8 @@ class FedSpeedStrategy(LocalSGDStrategy):
             return
         g1 = [p.grad.detach().clone() for p in params]
         if self.rho > 0 and self.perturb_alpha > 0:
-            norm = torch.sqrt(sum(g.double().pow(2).sum() for g in g1)).item()
-            scale = self.rho / (norm + 1e-12)
-            with torch.no_grad():
-                for p, g in zip(params, g1):
-                    p.add_(g, alpha=scale)
-            closure()  # g2 at the perturbed point, same batch
-            with torch.no_grad():
-                for p, g in zip(params, g1):
-                    p.sub_(g, alpha=scale)
+            with perturbed(params, sam_offsets(g1, self.rho)):
+                closure()  # g2 at the perturbed point, same batch
             grads = [
                 (1 - self.perturb_alpha) * a + self.perturb_alpha * (p.grad if p.grad is not None else 0.0)
                 for p, a in zip(params, g1)
@@ -155,16 +151,17 @@ class FedSpeedStrategy(LocalSGDStrategy):
                 if i is None:  # not tracked (e.g. a non-float parameter): plain gradient
                     p.grad = g
                     continue
-                p.grad = g - self._correction[i] + (p.detach() - self._global[i]) / self.prox_lambda
+                p.grad = g - self._correction[i] + (p.detach() - self._last_average[i]) / self.prox_lambda
 
     # ---------------------------------------------------------------- the round
+    @override
     def sync(self) -> dict[str, float]:
         """Update the correction, contribute ``x_K - lambda g_hat``, average (Local SGD's sync)."""
         tensors = self.tracked_tensors()
         if self.is_finite(tensors):
             with torch.no_grad():
                 for i in sorted(self._param_idx):
-                    t, g, c = tensors[i], self._global[i], self._correction[i]
+                    t, g, c = tensors[i], self._last_average[i], self._correction[i]
                     c.sub_((t - g) / self.prox_lambda)
                     t.sub_(c, alpha=self.prox_lambda)
         else:
@@ -172,6 +169,7 @@ class FedSpeedStrategy(LocalSGDStrategy):
                 c.zero_()
         return super().sync()
 
+    @override
     def final_sync(self) -> None:
         """A last FedSpeed round for the steps since the last one."""
         if self._steps_since_sync == 0:
