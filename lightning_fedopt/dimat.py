@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["align", "dimat_merge", "permute_hidden_units", "recompute_batchnorm"]
+__all__ = ["align", "check_permutable", "dimat_merge", "permute_hidden_units", "recompute_batchnorm"]
 
 _WEIGHT = (nn.Linear, nn.Conv2d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -78,6 +78,19 @@ def _layers(net: nn.Module) -> list[nn.Module]:
     if not any(isinstance(m, _WEIGHT) for m in layers):
         raise ValueError("DIMAT: the network has no Linear or Conv2d layer")
     return layers
+
+
+def check_permutable(net: nn.Module) -> None:
+    """Raise a ``ValueError`` naming the layer unless DIMAT can permute ``net``'s hidden units.
+
+    Example:
+        >>> check_permutable(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+        >>> check_permutable(nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU())))
+        Traceback (most recent call last):
+        ...
+        ValueError: DIMAT cannot permute layer 1 (Sequential) of this network: supported are Linear, Conv2d, BatchNorm1d/2d, elementwise activations, dropout, pooling and Flatten (MLPs and plain CNNs; no residual connections or nested modules)
+    """
+    _layers(net)
 
 
 def _hidden_points(layers: list[nn.Module]) -> list[tuple[int, int]]:

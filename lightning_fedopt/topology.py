@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lightning_fedopt._validate import check_int
+
 __all__ = [
     "TOPOLOGIES",
     "Topology",
@@ -47,10 +49,9 @@ __all__ = [
 _TOL = 1e-6
 
 
-def _check_n(n: object, low: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < low:
-        raise ValueError(f"`n` (the number of replicas) must be an integer >= {low}, got {n!r}")
-    return n
+def _check_n(n: object) -> int:
+    """``n``, the number of replicas, as an ``int`` >= 1 (``ValueError`` naming ``n`` otherwise)."""
+    return check_int("n", n, low=1)
 
 
 def metropolis_hastings(adjacency: torch.Tensor) -> torch.Tensor:
@@ -231,7 +232,7 @@ def ring(n: int) -> Topology:
         >>> [round(x, 4) for x in ring(3).matrix()[0].tolist()]
         [0.3333, 0.3333, 0.3333]
     """
-    _check_n(n)
+    n = _check_n(n)
     return _undirected(n, [(i, (i + 1) % n) for i in range(n)], f"ring({n})")
 
 
@@ -242,10 +243,11 @@ def torus(n: int, rows: int | None = None) -> Topology:
         >>> torus(9).in_neighbors(4)
         {1: 0.2, 3: 0.2, 5: 0.2, 7: 0.2}
     """
-    _check_n(n)
+    n = _check_n(n)
     if rows is None:
         rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or n % rows:
+    rows = check_int("rows", rows, low=1)
+    if n % rows:
         raise ValueError(f"`rows` must be a positive divisor of n={n}, got {rows!r}")
     cols = n // rows
     edges = []
@@ -268,7 +270,7 @@ def exponential(n: int) -> Topology:
         >>> exponential(4).in_neighbors(0)
         {2: 0.3333333333333333, 3: 0.3333333333333333}
     """
-    _check_n(n)
+    n = _check_n(n)
     offsets = sorted({o % n for o in _offsets(n)} - {0})
     w = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
@@ -290,7 +292,7 @@ def one_peer_exponential(n: int) -> Topology:
         >>> t.spectral_gap  # exact averaging after log2(8) rounds
         1.0
     """
-    _check_n(n)
+    n = _check_n(n)
     offsets = _offsets(n)
 
     def matrix(t: int) -> torch.Tensor:
@@ -313,7 +315,7 @@ def random_matching(n: int, seed: int = 0) -> Topology:
         >>> sorted(len(t.in_neighbors(i, 5)) for i in range(4))
         [1, 1, 1, 1]
     """
-    _check_n(n)
+    n = _check_n(n)
 
     def matrix(t: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(t) * 7919 + 29)
@@ -333,7 +335,7 @@ def fully_connected(n: int) -> Topology:
         >>> fully_connected(4).spectral_gap
         1.0
     """
-    _check_n(n)
+    n = _check_n(n)
     w = torch.full((n, n), 1.0 / n, dtype=torch.float64)
     return Topology(n, lambda t: w, f"fully_connected({n})")
 
@@ -397,7 +399,7 @@ def make_topology(spec: str | Topology | Any, n: int, *, seed: int = 0) -> Topol
         ...
         ValueError: `topology` ring(8) needs 8 replicas but there are 4
     """
-    _check_n(n)
+    n = _check_n(n)
     if isinstance(spec, str):
         if spec not in TOPOLOGIES:
             raise ValueError(f"`topology` must be one of {sorted(TOPOLOGIES)} or a Topology, got {spec!r}")

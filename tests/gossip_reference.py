@@ -9,6 +9,16 @@ from helpers import make_batch, make_net
 from torch import nn
 
 
+def _loss(net: nn.Module, ranks: list[int], step: int) -> torch.Tensor:
+    """The mean of the losses of ``ranks`` on their batches of ``step`` (a hierarchical group's
+    gradient is its members' mean gradient; one rank: its own loss)."""
+    loss = 0.0
+    for r in ranks:
+        x, y = make_batch(r, step)
+        loss = loss + nn.functional.mse_loss(net(x), y) / len(ranks)
+    return loss
+
+
 def _finish(
     nets: list, params: list[list[torch.Tensor]], final_average: bool
 ) -> list[dict[str, torch.Tensor]]:
@@ -36,6 +46,7 @@ def reference_gossip(
     combine: Callable[[int, list[torch.Tensor], list[list[torch.Tensor]]], list[torch.Tensor]] | None = None,
     message: Callable[[int, list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]] | None = None,
     final_average: bool = False,
+    members: list[list[int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Replica ``r`` takes SGD steps on ``make_batch(r, step)`` (SAM steps with ``sam_rho``); after
     each step ``s`` (1-based) for which ``should_gossip(s)``: ``gossip_steps`` times
@@ -44,8 +55,10 @@ def reference_gossip(
 
     ``combine(i, own, received_by_sender)`` replaces the weighted mean (robust merges: it gets every
     replica's message, ordered by rank, and ``own``). ``message(i, model, model_at_last_round)`` is what replica
-    ``i`` sends (default: its model).
+    ``i`` sends (default: its model). With ``members`` (hierarchical groups) replica ``r`` stands for the
+    ranks ``members[r]`` and steps on the mean of their losses.
     """
+    who = members if members is not None else [[r] for r in range(n_replicas)]
     nets = [make_net(0) for _ in range(n_replicas)]
     opts = [torch.optim.SGD(n.parameters(), lr=lr) for n in nets]
     params = [list(n.parameters()) for n in nets]
@@ -53,9 +66,8 @@ def reference_gossip(
     last = [[p.detach().clone() for p in ps] for ps in params]
     for step in range(steps):
         for r, (net, opt) in enumerate(zip(nets, opts)):
-            x, y = make_batch(r, step)
             opt.zero_grad()
-            nn.functional.mse_loss(net(x), y).backward()
+            _loss(net, who[r], step).backward()
             if sam_rho is not None:
                 g = torch.cat([p.grad.reshape(-1) for p in params[r]])
                 eps = [p.grad * (sam_rho / (g.norm() + 1e-12)) for p in params[r]]
@@ -63,7 +75,7 @@ def reference_gossip(
                     for p, e in zip(params[r], eps):
                         p.add_(e)
                 opt.zero_grad()
-                nn.functional.mse_loss(net(x), y).backward()
+                _loss(net, who[r], step).backward()
                 with torch.no_grad():
                     for p, e in zip(params[r], eps):
                         p.sub_(e)
@@ -110,6 +122,7 @@ def reference_choco(
     nan_at: tuple[int, int] | None = None,
     global_merge_from: int | None = None,
     final_average: bool = False,
+    members: list[list[int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """CHOCO-SGD (Koloskova et al., ICML 2019, Algorithm 2), written out with one public copy
     ``x_hat[j]`` per replica (every holder of a copy has the same one, so one list stands for them
@@ -121,8 +134,10 @@ def reference_choco(
     ``nan_at=(r, s)``: replica ``r``'s loss is NaN at step ``s``; until it is reset it sends no
     message (its copy stays) and it restarts from ``x_hat_r + gamma * sum_j W_rj (x_hat_j - x_hat_r)``.
     From step ``global_merge_from`` on a round is the exact mean of all replicas, and every copy
-    restarts from it.
+    restarts from it. ``members``: as for :func:`reference_gossip` (replica ``j`` is a group, its
+    compressor's salt ``j``).
     """
+    who = members if members is not None else [[r] for r in range(n_replicas)]
     nets = [make_net(0) for _ in range(n_replicas)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in nets]
     params = [list(m.parameters()) for m in nets]
@@ -132,9 +147,8 @@ def reference_choco(
     w = w.to(torch.float32)
     for step in range(steps):
         for r in range(n_replicas):
-            x, y = make_batch(r, step)
             opts[r].zero_grad()
-            loss = nn.functional.mse_loss(nets[r](x), y)
+            loss = _loss(nets[r], who[r], step)
             if nan_at is not None and (r, step) == tuple(nan_at):
                 loss = loss * float("nan")
             loss.backward()

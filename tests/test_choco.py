@@ -315,3 +315,41 @@ def test_names_make_compressors_without_error_feedback():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         lf.GossipStrategy(**kwargs)
+
+
+def test_group_size_compressed_gossip_between_groups(tmp_path):
+    """CHOCO-gossip with group_size=2 on 4 ranks: "ring" over the 2 groups (rank j of a group holds
+    the copies of rank j of the other; the stochastic rounding is salted with the group's index),
+    exact global merges over the groups from 60% of training on. The members of a group end bitwise
+    identical and equal the reference of 2 replicas stepping on their members' mean gradients.
+    (It was a defect: the ring was built over the 4 ranks and the members of a group drifted apart.)"""
+
+    def comp():
+        return Int8(block=16, rounding="stochastic")
+
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(),
+        gossip(
+            "ring",
+            gossip_every=2,
+            group_size=2,
+            compressor=comp(),
+            consensus_lr=0.5,
+            merge_from=0.6,
+            final_sync=False,
+        ),
+        n=4,
+        max_steps=9,
+    )
+    w = lf.topology.ring(2).matrix()
+    ref = reference_choco(
+        2, 9, lambda s: s % 2 == 0, w, comp, 0.5, global_merge_from=6, members=[[0, 1], [2, 3]]
+    )
+    for r in range(4):
+        assert_close_state(ranks[r]["state_dict"], ref[r // 2], atol=1e-5)
+    torch.testing.assert_close(ranks[0]["state_dict"], ranks[1]["state_dict"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[2]["state_dict"], ranks[3]["state_dict"], rtol=0, atol=0)
+    assert not torch.allclose(ranks[0]["state_dict"]["net.0.weight"], ranks[2]["state_dict"]["net.0.weight"])
+    for r in range(4):
+        assert sent_bytes(ranks[r]) == 2 * message_nbytes(comp())  # 2 compressed rounds, to 1 neighbour

@@ -332,3 +332,34 @@ def test_nonfinite_replica_does_not_poison_its_neighbours(tmp_path):
     for r in range(2):
         assert_close_state(ranks[r]["state_dict"], expected, atol=1e-5)
         assert [(e["step"], e["excluded"], e["local"]) for e in ranks[r]["nonfinite_events"]] == [(6, 1, r)]
+
+
+def test_group_size_gossips_between_groups_and_members_stay_identical(tmp_path):
+    """Hierarchical gossip, 4 ranks, group_size=2: groups {0, 1} and {2, 3} all-reduce their gradients
+    at every step; the gossip (W over the 2 groups, DFedSAM local steps) runs between the groups, rank
+    j of one group with rank j of the other. The members of a group end bitwise identical and every
+    rank equals the reference in which a group is one replica stepping on its members' mean gradient.
+    (It was a defect: the topology was built over the 4 ranks, so the members of a group gossiped
+    with different neighbours and drifted apart; this 2 x 2 matrix was refused outright.)"""
+    w = torch.tensor([[0.75, 0.25], [0.25, 0.75]], dtype=torch.float64)
+    ranks = fit_fork(
+        tmp_path,
+        KnownBatchModule(),
+        gossip(w, gossip_every=2, sam_rho=0.05, group_size=2, final_sync=False),
+        n=4,
+        max_steps=7,
+    )
+    ref = reference_gossip(2, 7, lambda s: s % 2 == 0, lambda t: w, sam_rho=0.05, members=[[0, 1], [2, 3]])
+    for r in range(4):
+        assert_close_state(ranks[r]["state_dict"], ref[r // 2], atol=1e-5)
+    torch.testing.assert_close(ranks[0]["state_dict"], ranks[1]["state_dict"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[2]["state_dict"], ranks[3]["state_dict"], rtol=0, atol=0)
+    assert not torch.allclose(ranks[0]["state_dict"]["net.0.weight"], ranks[2]["state_dict"]["net.0.weight"])
+    for r in range(4):
+        # 3 gossip rounds, each the model to the other group's rank j only
+        assert ranks[r]["comm"]["by_op"]["send"]["bytes_sent"] == 3 * PAYLOAD
+
+
+def test_dimat_refuses_group_size():
+    with pytest.raises(ValueError, match="group_size"):
+        lf.GossipStrategy("ring", align="dimat", group_size=2)

@@ -91,3 +91,15 @@ def test_bad_input():
     a = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
     b = torch.tensor([[0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0], [0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5]])
     assert tp.from_matrix([a, b]).period == 2
+
+
+def test_sizes_are_checked_integers():
+    import numpy as np
+
+    for bad in (0, True, 2.0, "4"):
+        with pytest.raises(ValueError, match="`n` must be an integer >= 1"):
+            tp.ring(bad)
+    with pytest.raises(ValueError, match="`rows` must be an integer >= 1"):
+        tp.torus(4, rows=True)
+    topo = tp.ring(np.int64(4))  # an integral number of another type is one
+    assert topo.n == 4 and type(topo.n) is int
