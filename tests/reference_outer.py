@@ -7,6 +7,7 @@ Replica ``r`` takes its optimizer step ``s`` on :func:`helpers.make_batch` ``(r,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -182,7 +183,7 @@ def reference_co2(
     *,
     alpha: float = 1.0,
     beta: float = 0.5,
-    gap_penalty: float = 1.0,
+    gap_penalty: float | str = 1.0,
     clip: float | None = 1.0,
     lr: float = 0.1,
     optimizer: str = "sgd",
@@ -196,21 +197,32 @@ def reference_co2(
     Every replica restarts each round from phi. The end of training applies the pending d, then
     the partial round's pseudo-gradient if steps were taken since. With ``nan_at`` (replica, step)
     that replica's weights become NaN after that step; the means are over the finite replicas, and
-    the restart from phi resets it."""
+    the restart from phi resets it. With ``gap_penalty="adaptive"`` (the paper's staleness-gap
+    penalty) each tensor's divisor is Lambda = 1 + ||phi_now - phi_then|| / ||1||, phi_then the
+    global weights d was computed against and ||1|| = sqrt(numel) (the norm of an all-ones tensor)."""
     nets, opts = make_replicas(n, optimizer, lr)
     who = members if members is not None else list(range(n))
     params = [list(m.parameters()) for m in nets]
     phi = [p.detach().clone() for p in params[0]]
     mom = [torch.zeros_like(p) for p in phi]
-    pending: list[torch.Tensor] | None = None
+    # (mean pseudo-gradient, the global weights it was computed against)
+    pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def mean_delta() -> list[torch.Tensor]:
+    def mean_delta() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ok = [r for r in range(n) if all(bool(torch.isfinite(p).all()) for p in params[r])]
-        return [sum(phi[i] - params[r][i].detach() for r in ok) / len(ok) for i in range(len(phi))]
+        d = [sum(phi[i] - params[r][i].detach() for r in ok) / len(ok) for i in range(len(phi))]
+        return d, [g.clone() for g in phi]
 
-    def outer(d: list[torch.Tensor]) -> None:
+    def penalty(i: int, phi_then: list[torch.Tensor]) -> float:
+        if gap_penalty != "adaptive":
+            return float(gap_penalty)
+        return 1.0 + float((phi[i] - phi_then[i]).norm()) / math.sqrt(phi[i].numel())
+
+    def outer(sent: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        d, phi_then = sent
+        lams = [penalty(i, phi_then) for i in range(len(phi))]
         for i in range(len(phi)):
-            mom[i] = beta * mom[i] + d[i] / gap_penalty
+            mom[i] = beta * mom[i] + d[i] / lams[i]
             if clip is not None:
                 mom[i] = mom[i].clamp(-clip, clip)
             phi[i] = phi[i] - alpha * mom[i]

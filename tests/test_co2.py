@@ -59,7 +59,7 @@ def test_co2_resume_with_round_in_flight(tmp_path):
 
 class WatchInflight(L.Callback):
     """After every training step, records whether the strategy holds a round in flight and whether
-    its handle has been waited; keeps the handle launched at the first sync to look at it later."""
+    it has been waited for; keeps the round launched at the first sync to look at it later."""
 
     def __init__(self, out):
         self.out = out
@@ -69,15 +69,14 @@ class WatchInflight(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         s = trainer.strategy
         f = s._inflight
-        handle = None if f is None else f.get("handle")
-        if handle is not None and self.first is None:
-            self.first = handle
+        if f is not None and self.first is None:
+            self.first = f
         self.rows.append(
             {
                 "step": s.replica_step,
                 "inflight": f is not None,
-                "unwaited": handle is not None and not handle._done,
-                "first_done": None if self.first is None else self.first._done,
+                "unwaited": f is not None and f.result is None,
+                "first_done": None if self.first is None else self.first.result is not None,
             }
         )
 
@@ -143,9 +142,67 @@ def test_outer_optimizer_clips_and_keeps_the_clip():
         ({"outer_momentum": 1.0}, "outer_momentum"),
         ({"gap_penalty": -1.0}, "gap_penalty"),
         ({"clip": 0.0}, "clip"),
+        ({"gap_penalty": "fixed"}, "gap_penalty"),
+        ({"gap_penalty": float("nan")}, "gap_penalty"),
         ({"group_size": 0}, "group_size"),
+        ({"fragment_layout": "strided"}, "fragment_layout"),
     ],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         lf.CO2Strategy(**kwargs)
+
+
+def test_compressor_is_refused_because_it_would_block():
+    """The compressed all-reduce is synchronous: CO2 with a compressor would silently lose its
+    overlap (it used to be accepted and ran the transfer blocking), so it is refused, saying why."""
+    with pytest.raises(ValueError, match=r"`compressor`.*synchronous"):
+        lf.CO2Strategy(compressor="int8")
+    lf.CO2Strategy(compressor=None)  # explicitly none is fine
+
+
+def test_adaptive_gap_penalty_formula():
+    """gap_penalty="adaptive": per tensor Lambda_t = 1 + ||x_t - x_{t-1}|| / ||1|| (the paper's
+    staleness-gap penalty), x_t - x_{t-1} being how far the last outer step moved the weights;
+    Lambda is 1 before any step. Written out by hand for two tensors over three steps."""
+    a, b = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([3.0])
+    opt = CO2OuterOptimizer([a, b], lr=0.8, momentum=0.5, gap_penalty="adaptive", clip=None)
+    grads = [
+        (torch.tensor([1.0, 2.0, -1.0, 0.5]), torch.tensor([-2.0])),
+        (torch.tensor([0.3, -0.2, 0.1, 0.0]), torch.tensor([1.0])),
+        (torch.tensor([-1.0, 0.5, 0.5, 2.0]), torch.tensor([0.25])),
+    ]
+    x = [a.clone(), b.clone()]
+    prev = [a.clone(), b.clone()]  # x_{t-1}: no step yet, so the first gap is 0
+    m = [torch.zeros(4), torch.zeros(1)]
+    for ga, gb in grads:
+        lams = [1.0 + float((x[i] - prev[i]).norm()) / x[i].numel() ** 0.5 for i in range(2)]
+        prev = [t.clone() for t in x]
+        for i, g in enumerate((ga, gb)):
+            m[i] = 0.5 * m[i] + g / lams[i]
+            x[i] = x[i] - 0.8 * m[i]
+        a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+        assert torch.allclose(a, x[0], atol=1e-6) and torch.allclose(b, x[1], atol=1e-6)
+    assert lams[0] > 1.0 and lams[1] > 1.0, "the penalty grew once the weights moved"
+    # a constant penalty of 1 ends elsewhere
+    c = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    plain = CO2OuterOptimizer([c], lr=0.8, momentum=0.5, gap_penalty=1.0, clip=None)
+    for ga, _ in grads:
+        c.grad = ga.clone()
+        plain.step()
+    assert (c - a).abs().max() > 1e-3
+
+
+def test_co2_adaptive_gap_penalty_matches_reference(tmp_path):
+    """H=3, 13 steps on two ranks with gap_penalty="adaptive": every rank equals the reference that
+    recomputes Lambda each round from the global weights' move, and not the constant-penalty one."""
+    ranks = fit_fork(
+        tmp_path, KnownBatchModule(), co2(sync_every=3, clip=None, gap_penalty="adaptive"), max_steps=13
+    )
+    ref = reference_co2(2, 13, 3, clip=None, gap_penalty="adaptive")
+    for r in range(2):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    constant = reference_co2(2, 13, 3, clip=None, gap_penalty=1.0)
+    diff = max((ref[0][k] - constant[0][k]).abs().max().item() for k in ref[0])
+    assert diff > 1e-4, "the adaptive penalty changes the result"

@@ -9,7 +9,8 @@ from helpers import KnownBatchModule, assert_close_state, fit_fork
 from reference_outer import reference_diloco, run_and_resume
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies.diloco import fragment_events, split_fragments
+from lightning_fedopt.strategies._fragments import layer_keys
+from lightning_fedopt.strategies.diloco import fragment_events, split_fragments, strided_fragments
 
 
 def diloco(**kw):
@@ -49,6 +50,64 @@ def test_fragments_and_events():
         inflight -= apply is not None
         inflight += launch is not None
         assert inflight <= 1
+
+
+def test_inflight_round_from_a_checkpoint_of_either_counter_layout():
+    """A round in flight saved in a checkpoint comes back with its counts, whether saved now
+    (masked_sum's [weight, valid, invalid]) or before (the old [valid, invalid, summed steps])."""
+    from lightning_fedopt.strategies._fragments import InFlight
+
+    sums = [torch.ones(2)]
+    old = {"fragment": 1, "apply_step": 7, "reduced": [*sums, torch.tensor([2.0, 1.0, 6.0])]}
+    for state in (old, InFlight.from_state_dict(old, [0], torch.device("cpu")).state_dict()):
+        f = InFlight.from_state_dict(state, [0], torch.device("cpu"))
+        result = f.wait()
+        assert (f.fragment, f.apply_step) == (1, 7)
+        assert (result.weight, result.valid, result.invalid) == (6.0, 2, 1)
+        assert torch.equal(result.sums[0], sums[0])
+
+
+def test_strided_layout_keeps_layers_whole():
+    """fragment_layout="strided": whole layers dealt round-robin (layer j to fragment j mod F), a
+    module's weight and bias together, a numbered block's tensors together; contiguous splits
+    the test net's first layer from its bias."""
+    net = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    assert strided_fragments(net, 2) == [[0, 1], [2, 3]]
+    assert split_fragments([64, 16, 16, 1], 2) == [[0], [1, 2, 3]]  # weight and bias apart
+    gpt = [
+        "wte.weight",
+        "h.0.ln.weight",
+        "h.0.ln.bias",
+        "h.0.attn.c_attn.weight",
+        "h.1.ln.weight",
+        "h.1.attn.c_attn.weight",
+        "h.2.mlp.fc.weight",
+        "h.2.mlp.fc.bias",
+        "ln_f.weight",
+        "ln_f.bias",
+        "bn.running_mean",
+    ]
+    assert layer_keys(gpt) == ["wte", "h.0", "h.0", "h.0", "h.1", "h.1", "h.2", "h.2", "ln_f", "ln_f", "bn"]
+    # layers wte, h.0, h.1, h.2, ln_f, bn -> fragments 0, 1, 2, 0, 1, 2
+    assert strided_fragments(gpt, 3) == [[0, 6, 7], [1, 2, 3, 8, 9], [4, 5, 10]]
+    assert sorted(i for g in strided_fragments(gpt, 4) for i in g) == list(range(len(gpt)))
+    assert strided_fragments(gpt, 1) == [list(range(len(gpt)))]
+    with pytest.raises(ValueError, match="fragments"):
+        strided_fragments(net, 3)  # two layers only
+
+
+def test_streaming_strided_matches_reference(tmp_path):
+    """2 ranks, H=4, F=2 strided (fragment 0 = the first Linear's weight and bias, fragment 1 = the
+    second's), tau=1, alpha=0.5: every rank equals the reference with those fragments, and not the
+    contiguous layout's result."""
+    strategy = diloco(sync_every=4, fragments=2, fragment_layout="strided", sync_delay=1, mixing=0.5)
+    ranks = fit_fork(tmp_path, KnownBatchModule(optimizer="adam", lr=0.01), strategy, max_steps=15)
+    kw = dict(delay=1, alpha=0.5, optimizer="adam", lr=0.01)
+    ref = reference_diloco(2, 15, 4, fragments=[[0, 1], [2, 3]], **kw)
+    for r in range(2):
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
+    contiguous = reference_diloco(2, 15, 4, fragments=[[0], [1, 2, 3]], **kw)
+    assert (ref[0]["net.0.bias"] - contiguous[0]["net.0.bias"]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("delay,alpha", [(1, 0.5), (0, 0.0)])
@@ -102,6 +161,9 @@ def test_nan_replica_is_excluded_and_reset(tmp_path):
         ({"outer_optimizer": torch.nn.Linear}, "outer_optimizer"),
         ({"outer_kwargs": {"lr": -1.0}}, "outer_optimizer"),
         ({"sync_every": 4, "fragments": 5}, "fragments"),
+        ({"sync_every": 8, "fragments": 2, "fragment_layout": "by_size"}, "fragment_layout"),
+        ({"sync_every": True}, "sync_every"),
+        ({"sync_every": 8, "mixing": float("nan")}, "mixing"),
     ],
 )
 def test_bad_arguments(kwargs, name):

@@ -34,8 +34,12 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_fedopt._flat import flatten, unflatten
+from lightning_fedopt._validate import check_float, check_int
 from lightning_fedopt.schedules import SyncSchedule
+from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = ["NoLoCoStrategy", "pair_groups"]
@@ -60,19 +64,6 @@ def pair_groups(round_index: int, world_size: int, seed: int = 0) -> list[list[i
     if world_size % 2:
         groups.append([perm[-1]])
     return groups
-
-
-def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-
-
-def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, offset = [], 0
-    for t in like:
-        n = t.numel()
-        out.append(flat[offset : offset + n].view_as(t).to(t.dtype))
-        offset += n
-    return out
 
 
 class NoLoCoStrategy(ReplicaStrategy):
@@ -103,12 +94,10 @@ class NoLoCoStrategy(ReplicaStrategy):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(sync_every, int) and not isinstance(sync_every, bool) and sync_every < 1:
-            raise ValueError(f"`sync_every` (H) must be >= 1, got {sync_every}")
-        if not (isinstance(outer_lr, (int, float)) and 0.0 < float(outer_lr) < float("inf")):
-            raise ValueError(f"`outer_lr` (alpha) must be a finite number > 0, got {outer_lr!r}")
-        if not (isinstance(outer_momentum, (int, float)) and 0.0 <= float(outer_momentum) < 1.0):
-            raise ValueError(f"`outer_momentum` (beta) must be in [0, 1), got {outer_momentum!r}")
+        if not isinstance(sync_every, SyncSchedule):
+            sync_every = check_int("sync_every", sync_every, low=1)
+        outer_lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+        outer_momentum = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
         if kwargs.pop("compressor", None) is not None:
             raise ValueError(
                 "`compressor` is not supported by NoLoCoStrategy: its messages are the partners' global "
@@ -118,43 +107,49 @@ class NoLoCoStrategy(ReplicaStrategy):
         if kwargs.get("group_size", 1) != 1:
             raise ValueError("`group_size` > 1 is not supported by NoLoCoStrategy (it has no all-reduce)")
         super().__init__(sync_every, **kwargs)
-        self.outer_lr = float(outer_lr)
-        self.outer_momentum = float(outer_momentum)
+        self.outer_lr = outer_lr
+        self.outer_momentum = outer_momentum
         self.seed = int(seed)
-        self._global: list[Tensor] = []
+        #: ``phi_i``: this replica's outer weights (they differ between replicas)
+        self._outer_weights: list[Tensor] = []
         self._momentum: list[Tensor] = []
         self._is_param: list[bool] = []
 
     # ---------------------------------------------------------------- state
+    @override
     def setup_algorithm(self) -> None:
         module = self.lightning_module
         assert module is not None
         names = {name for name, _ in module.named_parameters()}
         self._is_param = [name in names for name, _ in self.tracked_named_tensors()]
-        self._global = [t.detach().clone() for t in self.tracked_tensors()]
+        self._outer_weights = [t.detach().clone() for t in self.tracked_tensors()]
         self._momentum = [torch.zeros_like(t) for t in self.tracked_tensors()]
 
+    @override
     def replica_state_dict(self) -> dict[str, Any]:
         # phi_i and m_i differ between replicas: they live in each rank's shard
         return {
-            "global": [g.detach().cpu().clone() for g in self._global],
+            "global": [g.detach().cpu().clone() for g in self._outer_weights],
             "momentum": [m.detach().cpu().clone() for m in self._momentum],
         }
 
+    @override
     def load_replica_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state.get("global", [])) == len(self._global):
+        if len(state.get("global", [])) == len(self._outer_weights):
             with torch.no_grad():
-                for dst, src in zip(self._global, state["global"]):
+                for dst, src in zip(self._outer_weights, state["global"]):
                     dst.copy_(src)
                 for dst, src in zip(self._momentum, state["momentum"]):
                     dst.copy_(src)
 
+    @override
     def _after_final_sync(self) -> None:
         with torch.no_grad():
-            for g, t in zip(self._global, self.tracked_tensors()):
+            for g, t in zip(self._outer_weights, self.tracked_tensors()):
                 g.copy_(t)
 
     # ---------------------------------------------------------------- no broadcast between syncs
+    @override
     def _sigterm_check(self) -> None:
         """Each rank acts on its own SIGTERM (a cluster signals every task); no broadcast."""
         trainer = getattr(self.lightning_module, "_trainer", None)
@@ -166,6 +161,7 @@ class NoLoCoStrategy(ReplicaStrategy):
         """The pairs of round ``round_index`` (identical on every rank)."""
         return pair_groups(round_index, self.world_size, self.seed)
 
+    @override
     def sync(self) -> dict[str, float]:
         tensors = self.tracked_tensors()
         me = self.global_rank
@@ -175,7 +171,7 @@ class NoLoCoStrategy(ReplicaStrategy):
             # one message: the local model and a finite flag (in the weights' dtype when they share one)
             dtype = tensors[0].dtype if len({t.dtype for t in tensors}) == 1 else torch.float64
             flag = torch.tensor([float(finite)], dtype=dtype, device=tensors[0].device)
-            mine = torch.cat([_flat(tensors, dtype), flag])
+            mine = torch.cat([flatten(tensors, dtype), flag])
         members: dict[int, Tensor] = {me: mine}
         peers = [j for j in group if j != me]
         if peers:
@@ -185,42 +181,40 @@ class NoLoCoStrategy(ReplicaStrategy):
         ok = [j for j in sorted(members) if float(members[j][-1]) == 1.0]
         n_bad = len(members) - len(ok)
         if not ok:
-            raise RuntimeError(
-                f"lightning_fedopt: replicas {sorted(members)} all have non-finite weights at step "
-                f"{self.replica_step}; nothing is left to average (resume from the last checkpoint)"
-            )
+            raise NoFiniteReplicaError(self.replica_step, replicas=sorted(members))
         # mean model of the group's finite members: alpha (g + phi_bar - phi_i) = alpha (theta_bar - phi_i)
-        theta_bar = _unflat(sum(members[j][:-1] for j in ok) / len(ok), tensors)
+        theta_bar = unflatten(sum(members[j][:-1] for j in ok) / len(ok), tensors)
         a, b = self.outer_lr, self.outer_momentum
         with torch.no_grad():
             for i, t in enumerate(tensors):
                 if not self._is_param[i]:
-                    self._global[i].copy_(theta_bar[i])  # buffers: the group's mean
+                    self._outer_weights[i].copy_(theta_bar[i])  # buffers: the group's mean
                 elif finite:
                     m = self._momentum[i]
-                    m.mul_(b).add_(theta_bar[i] - self._global[i], alpha=a)
-                    self._global[i].add_(m)
+                    m.mul_(b).add_(theta_bar[i] - self._outer_weights[i], alpha=a)
+                    self._outer_weights[i].add_(m)
                 else:  # a diverged replica restarts from its finite partners' mean model
                     self._momentum[i].zero_()
-                    self._global[i].copy_(theta_bar[i])
-                t.copy_(self._global[i])
+                    self._outer_weights[i].copy_(theta_bar[i])
+                t.copy_(self._outer_weights[i])
         if n_bad:
             self.record_nonfinite(n_bad, local=not finite)
         if not finite:
             self.reset_optimizer_state()
         return {"group_size": float(len(group)), "excluded_nonfinite": float(n_bad)}
 
+    @override
     def consensus_values(self) -> list[Tensor]:
         """The mean of all replicas with finite weights (one all-reduce; evaluation and the end only)."""
-        tensors = self.tracked_tensors()
-        finite = self.is_finite(tensors)
-        with torch.no_grad():
-            contrib = [t.detach().clone() if finite else torch.zeros_like(t) for t in tensors]
-        count = torch.tensor([float(finite)], dtype=torch.float64, device=self.root_device)
-        self.comm.all_reduce([*contrib, count], "sum", purpose="consensus")
-        if float(count) <= 0:
-            raise RuntimeError("lightning_fedopt: no replica has finite weights; there is no consensus model")
-        return [c / float(count) for c in contrib]
+        result = masked_sum(
+            self.comm,
+            self.tracked_tensors(),
+            purpose="consensus",
+            counters_dtype=torch.float64,
+            device=self.root_device,
+        ).wait()
+        return result.mean(step=self.replica_step)
 
+    @override
     def local_is_consensus(self) -> bool:
         return self.world_size == 1
