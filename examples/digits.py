@@ -22,6 +22,9 @@ import torch
 from lightning import LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+from lightning_fedopt._validate import check_choice, check_float, check_int
 
 
 def load_digits_tensors(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -57,15 +60,15 @@ class DigitsDataModule(LightningDataModule):
         self, batch_size: int = 32, seed: int = 0, alpha: float | None = None, curriculum: bool = False
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-        if alpha is not None and alpha <= 0:
-            raise ValueError(f"`alpha` must be > 0, got {alpha}")
-        self.batch_size, self.seed, self.alpha, self.curriculum = batch_size, seed, alpha, curriculum
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.alpha = check_float("alpha", alpha, low=0, low_open=True, allow_none=True)
+        self.seed, self.curriculum = seed, curriculum
 
+    @override
     def setup(self, stage: str) -> None:
         self.train_set, self.val_set = load_digits_tensors(self.seed)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         from lightning_fedopt.data import IID, Dirichlet, partition_dataloader
 
@@ -82,6 +85,7 @@ class DigitsDataModule(LightningDataModule):
             self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
         )
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
 
@@ -108,32 +112,33 @@ class DigitsClassifier(LightningModule):
         schedule: str = "constant",
     ) -> None:
         super().__init__()
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"`schedule` must be 'constant' or 'cosine', got {schedule!r}")
+        check_choice("optimizer", optimizer, ("adamw", "sgd"))
+        check_float("momentum", momentum, low=0, high=1, high_open=True)
+        check_choice("schedule", schedule, ("constant", "cosine"))
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
         )
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
+    @override
     def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(

@@ -19,13 +19,11 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
+from typing_extensions import override
+
+from lightning_fedopt._validate import check_float, check_int
+
 __all__ = ["Explicit", "Increasing", "LateBudget", "Periodic", "SyncSchedule", "as_schedule"]
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return value
 
 
 class SyncSchedule(ABC):
@@ -57,9 +55,10 @@ class Periodic(SyncSchedule):
     """
 
     def __init__(self, every: int, warmup_steps: int = 0) -> None:
-        self.every = _check_int("sync_every", every, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.every = check_int("sync_every", every, low=1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
 
+    @override
     def should_sync(self, step: int) -> bool:
         if step <= self.warmup_steps:
             return True
@@ -86,6 +85,7 @@ class _PointSchedule(SyncSchedule):
                 raise RuntimeError(f"{type(self).__name__}: sync steps must increase ({last} -> {nxt})")
             self._points.append(nxt)
 
+    @override
     def should_sync(self, step: int) -> bool:
         self._extend_to(step)
         i = bisect.bisect_left(self._points, step)
@@ -113,17 +113,36 @@ class Increasing(_PointSchedule):
         self, start: int = 1, factor: float = 2.0, rounds_per_stage: int = 4, max_every: int | None = None
     ) -> None:
         super().__init__()
-        self.start = _check_int("start", start, 1)
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1.0):
-            raise ValueError(f"`factor` must be a finite number >= 1, got {factor!r}")
-        self.factor = float(factor)
-        self.rounds_per_stage = _check_int("rounds_per_stage", rounds_per_stage, 1)
-        if max_every is not None:
-            _check_int("max_every", max_every, start)
-        self.max_every = max_every
+        self.start = check_int("start", start, low=1)
+        self.factor = check_float("factor", factor, low=1)
+        self.rounds_per_stage = check_int("rounds_per_stage", rounds_per_stage, low=1)
+        self.max_every = check_int("max_every", max_every, low=self.start, allow_none=True)
+        self._last_stage = None if self.max_every is None else self._capped_stage(self.max_every)
 
+    def _capped_stage(self, max_every: int) -> int | None:
+        """A stage from which on the period is ``max_every``: ``start * factor**stage >= max_every``.
+
+        Later stages use this one's exponent, so ``factor`` is never raised to a power large enough
+        to overflow a float (``2.0**1024``: step 65,215 of ``Increasing(1, 2.0, 1, max_every=64)``).
+        None where even that stage's period is beyond a float (the cap then never applies).
+        """
+        if self.factor == 1.0:
+            return 0
+        ratio = math.log(max_every) - math.log(self.start)
+        stage = max(0, math.ceil(ratio / math.log(self.factor)))
+        try:
+            while self.start * self.factor**stage < max_every:  # (in case the logarithms round down)
+                stage += 1
+        except OverflowError:
+            return None
+        return stage
+
+    @override
     def _next_point(self, index: int, last: int) -> int:
-        period = self.start * self.factor ** (index // self.rounds_per_stage)
+        stage = index // self.rounds_per_stage
+        if self._last_stage is not None:
+            stage = min(stage, self._last_stage)
+        period = self.start * self.factor**stage
         if self.max_every is not None:
             period = min(period, self.max_every)
         return last + max(1, round(period))
@@ -147,14 +166,13 @@ class LateBudget(_PointSchedule):
 
     def __init__(self, total_steps: int, num_syncs: int, power: float = 2.0) -> None:
         super().__init__()
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.num_syncs = _check_int("num_syncs", num_syncs, 1)
+        self.total_steps = check_int("total_steps", total_steps, low=1)
+        self.num_syncs = check_int("num_syncs", num_syncs, low=1)
         if num_syncs > total_steps:
             raise ValueError(f"`num_syncs` must be <= total_steps ({total_steps}), got {num_syncs}")
-        if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 1.0):
-            raise ValueError(f"`power` must be a finite number >= 1, got {power!r}")
-        self.power = float(power)
+        self.power = check_float("power", power, low=1)
 
+    @override
     def _next_point(self, index: int, last: int) -> int | None:
         k = index + 1
         if k > self.num_syncs:
@@ -173,12 +191,13 @@ class Explicit(SyncSchedule):
     """
 
     def __init__(self, steps: Iterable[int]) -> None:
-        points = sorted({_check_int("steps", s, 1) for s in steps})
+        points = sorted({check_int("steps", s, low=1) for s in steps})
         if not points:
             raise ValueError("`steps` must list at least one step")
         self.steps = points
         self._set = set(points)
 
+    @override
     def should_sync(self, step: int) -> bool:
         return step in self._set
 

@@ -127,6 +127,10 @@ def test_bad_arguments():
         C("given")
     with pytest.raises(ValueError, match="reference="):
         C("reference")
+    with pytest.raises(ValueError, match="total_steps"):
+        C("local", total_steps=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        C("local", batch_size=0)
 
 
 def test_needs_a_partition_sampler():

@@ -89,6 +89,10 @@ def test_bad_input():
         lf.callbacks.HardBatchSelection(fraction=0.0)
     with pytest.raises(ValueError, match="fraction"):
         lf.callbacks.HardBatchSelection(fraction=1.5)
+    with pytest.raises(ValueError, match="fraction"):
+        lf.callbacks.HardBatchSelection(fraction=float("nan"))
+    with pytest.raises(ValueError, match="pool"):
+        lf.callbacks.HardBatchSelection(pool=4.0)
 
     class Odd(Recorder):
         def train_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ import torch
 
 from lightning_fedopt.data import PACINGS, Pacing, ReplicaSelection, order_by_scores
 
-# (name, a, b, t, T, expected fraction) — each worked out by hand from the formulas in ALGORITHMS.md
+# (name, a, b, t, T, expected fraction) — each worked out by hand from the formulas in docs/algorithms.md
 CASES = [
     ("linear", 0.5, 0.2, 25, 100, 0.2 + 0.8 * 0.5),
     ("linear", 0.5, 0.2, 60, 100, 1.0),

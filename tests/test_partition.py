@@ -125,6 +125,19 @@ def test_bad_input():
         get_partitioner("dirichlet")  # a name whose partitioner needs arguments
     with pytest.raises(ValueError, match="exactly one replica"):
         Partition((np.array([0, 1]), np.array([1, 2])), 3)
+    # NaN, infinities and booleans are not numbers of samples or concentrations
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="alpha"):
+            Dirichlet(alpha=bad)
+        with pytest.raises(ValueError, match="beta"):
+            QuantitySkew(beta=bad)
+    with pytest.raises(ValueError, match="min_size"):
+        QuantitySkew(min_size=True)
+    with pytest.raises(ValueError, match="seed"):
+        IID(seed=1.5)
+    with pytest.raises(ValueError, match="metric"):
+        IID().split(10, 2).label_divergence(y, "js")
+    assert Shards(np.int64(2)).shards_per_replica == 2  # NumPy integers are integers
 
 
 def test_sampler_epochs_are_equal_length_and_stay_in_the_part():
@@ -209,6 +222,11 @@ def test_infer_labels_and_sampler_errors():
         PartitionSampler(list(range(31)), p, 0, batch_size=4)
     with pytest.raises(ValueError, match="epoch_length"):
         PartitionSampler(list(range(30)), p, 0, batch_size=4, epoch_length="own")  # 2 replicas
+    for bad in ("longest", 0, True, 2.5):
+        with pytest.raises(ValueError, match="`epoch_length` must be 'equal', 'own' or an integer >= 1"):
+            PartitionSampler(list(range(30)), p, 0, batch_size=4, epoch_length=bad)
+    with pytest.raises(ValueError, match="rank"):
+        PartitionSampler(list(range(30)), p, True, batch_size=4)
 
 
 def test_rank_zero_logs_the_label_histograms(caplog):

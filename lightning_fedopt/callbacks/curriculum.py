@@ -12,7 +12,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_choice, check_int
 from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
@@ -131,15 +133,10 @@ class Curriculum(Callback):
         progress_bar: bool = True,
         prefix: str = "curriculum/",
     ) -> None:
-        if score_by not in _SCORE_BY:
-            raise ValueError(f"`score_by` must be one of {_SCORE_BY}, got {score_by!r}")
-        if ordering not in ORDERINGS:
-            raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}")
+        check_choice("score_by", score_by, _SCORE_BY)
+        check_choice("ordering", ordering, ORDERINGS)
         self.pacing = pacing if isinstance(pacing, Pacing) else Pacing(pacing, a=a, b=b)
-        if rescore_every is not None and (
-            isinstance(rescore_every, bool) or not isinstance(rescore_every, int) or rescore_every < 1
-        ):
-            raise ValueError(f"`rescore_every` must be an integer >= 1 or None, got {rescore_every!r}")
+        rescore_every = check_int("rescore_every", rescore_every, low=1, allow_none=True)
         if score_by == "given":
             if scores is None:
                 raise ValueError("`score_by='given'` needs `scores=` (one score per training sample)")
@@ -152,17 +149,13 @@ class Curriculum(Callback):
             raise ValueError(f"`scores=` is only used with `score_by='given'`, not {score_by!r}")
         if score_by == "reference" and not isinstance(reference, nn.Module):
             raise ValueError("`score_by='reference'` needs `reference=` (a torch.nn.Module)")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"`total_steps` must be an integer >= 1 or None, got {total_steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
         self.score_by, self.ordering = score_by, ordering
         self.rescore_every = rescore_every
         self.given_scores: Tensor | None = scores
         self.reference = reference
         self.score_fn = score_fn
-        self.total_steps = total_steps
-        self.batch_size = batch_size
+        self.total_steps = check_int("total_steps", total_steps, low=1, allow_none=True)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
         self.seed = int(seed)
         self.progress_bar = progress_bar
         self.prefix = prefix
@@ -185,18 +178,21 @@ class Curriculum(Callback):
         self._fp: dict[str, Any] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             score_by=self.score_by, ordering=self.ordering, pacing=repr(self.pacing)
         )
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             restored = self._restored
             self._reset()
             self._restored = restored
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # restored state is for the fit it was restored for (not for a later fresh fit)
         self._restored = None
@@ -230,6 +226,7 @@ class Curriculum(Callback):
         digest = int(torch.sum(part * (torch.arange(len(part)) % 9973 + 1)).item()) if len(part) else 0
         return {"rank": trainer.global_rank, "world_size": trainer.world_size, "part": (len(part), digest)}
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loader = self._sampler = None
         self._attach(trainer, pl_module)
@@ -265,6 +262,7 @@ class Curriculum(Callback):
                 "ReplicaStrategy): every replica re-scores its partition"
             )
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(trainer, pl_module)  # a reloaded loader (reload_dataloaders_every_n_epochs)
 
@@ -280,6 +278,7 @@ class Curriculum(Callback):
             self.scored_epoch = epoch
         self.prepared_epoch = epoch
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -367,6 +366,7 @@ class Curriculum(Callback):
         log_metrics(trainer, self.history, {self.prefix + k: float(v) for k, v in metrics.items()})
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": self._fp,
@@ -379,5 +379,6 @@ class Curriculum(Callback):
             "score_samples": self.score_samples,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict) if state_dict.get("order") is not None else None

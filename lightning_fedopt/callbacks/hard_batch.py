@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_float, check_int
 from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
@@ -71,12 +73,9 @@ class HardBatchSelection(Callback):
         score_fn: ScoreFn | None = None,
         prefix: str = "hard_batch/",
     ) -> None:
-        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 2:
-            raise ValueError(f"`pool` must be an integer >= 2, got {pool!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
-        self.pool, self.fraction = pool, float(fraction)
-        self.keep = max(1, math.ceil(self.fraction * pool - 1e-9))
+        self.pool = check_int("pool", pool, low=2)
+        self.fraction = check_float("fraction", fraction, low=0, high=1, low_open=True)
+        self.keep = max(1, math.ceil(self.fraction * self.pool - 1e-9))
         self.score_fn = score_fn
         self.prefix = prefix
         self.extra_forward_samples = 0
@@ -124,6 +123,7 @@ class HardBatchSelection(Callback):
         return slice_batch(batch, index)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._original is not None:
             return
@@ -137,11 +137,13 @@ class HardBatchSelection(Callback):
         self._module, self._original = pl_module, original
         pl_module.training_step = training_step  # type: ignore[method-assign]
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._module is not None and self._original is not None:
             self._module.__dict__.pop("training_step", None)
         self._module, self._original = None, None
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -155,6 +157,7 @@ class HardBatchSelection(Callback):
         }
         log_metrics(trainer, self.history, {self.prefix + k: v for k, v in row.items()})
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "extra_forward_samples": self.extra_forward_samples,
@@ -162,6 +165,7 @@ class HardBatchSelection(Callback):
             "extra_forward_seconds": self.extra_forward_seconds,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.extra_forward_samples = int(state_dict["extra_forward_samples"])
         self.trained_samples = int(state_dict["trained_samples"])

@@ -6,7 +6,9 @@ import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_int
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = ["CommunicationMonitor"]
@@ -45,20 +47,20 @@ class CommunicationMonitor(Callback):
 
     def __init__(
         self, prefix: str = "comm/", consensus_distance: bool = True, log_every_n_steps: int | None = None
-    ):
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"`log_every_n_steps` must be >= 1 or None, got {log_every_n_steps!r}")
+    ) -> None:
         self.prefix = prefix
         self.consensus_distance = consensus_distance
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
         self.history: list[dict[str, float]] = []
         self._last_sync_count = 0
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if self.consensus_distance and hasattr(strategy, "track_consensus_distance"):
             strategy.track_consensus_distance = True
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_sync_count = getattr(trainer.strategy, "sync_count", 0)
 
@@ -104,6 +106,7 @@ class CommunicationMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -117,6 +120,7 @@ class CommunicationMonitor(Callback):
         if trainer.global_step % every == 0:  # (one optimizer per step under DDP)
             self._log(trainer)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # totals after the final consensus synchronisation
         self._log(trainer, in_batch=False)

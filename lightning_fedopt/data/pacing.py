@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_fedopt._validate import check_choice, check_float, check_int
+
 __all__ = [
     "ORDERINGS",
     "PACINGS",
@@ -45,10 +47,11 @@ PACINGS = ("linear", "quad", "root", "step", "exp", "log")
 _C = 10.0
 
 
-def _check_ordering(ordering: str) -> str:
-    if ordering not in ORDERINGS:
-        raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}")
-    return ordering
+def _check_pacing_parameter(name: str, value: float, **bounds: float | bool) -> float:
+    try:
+        return check_float(name, value, **bounds)
+    except ValueError as err:  # "pacing parameter `a` must be ...": the name alone says little
+        raise ValueError(f"pacing parameter {err}") from None
 
 
 class Pacing:
@@ -71,13 +74,9 @@ class Pacing:
     """
 
     def __init__(self, name: str = "linear", a: float = 0.8, b: float = 0.2) -> None:
-        if name not in PACINGS:
-            raise ValueError(f"`pacing` must be one of {PACINGS}, got {name!r}")
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ValueError(f"pacing parameter `a` must be a finite number > 0, got {a!r}")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 < b <= 1.0):
-            raise ValueError(f"pacing parameter `b` must be in (0, 1], got {b!r}")
-        self.name, self.a, self.b = name, float(a), float(b)
+        self.name = check_choice("pacing", name, PACINGS)
+        self.a = _check_pacing_parameter("a", a, low=0, low_open=True)
+        self.b = _check_pacing_parameter("b", b, low=0, high=1, low_open=True)
 
     def fraction(self, t: float, total_steps: float) -> float:
         """``g(t) / N``, clipped to at most 1 (before the one-batch floor)."""
@@ -121,7 +120,7 @@ def order_by_scores(
         >>> order_by_scores(s, "curriculum").tolist(), order_by_scores(s, "anti").tolist()
         ([1, 0, 3, 2], [2, 3, 0, 1])
     """
-    _check_ordering(ordering)
+    check_choice("ordering", ordering, ORDERINGS)
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if ordering == "random":
         return torch.randperm(len(scores), generator=generator)
@@ -161,11 +160,9 @@ class ReplicaSelection:
         b: float = 0.5,
         seed: int = 0,
     ) -> None:
-        self.ordering = _check_ordering(ordering)
+        self.ordering = check_choice("ordering", ordering, ORDERINGS)
         self.pacing = pacing if isinstance(pacing, Pacing) else Pacing(pacing, a=a, b=b)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
 
     def _generator(self, round_index: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int(round_index) * 7919 + 29)
@@ -184,9 +181,7 @@ class ReplicaSelection:
         self, losses: Sequence[float], k: int, round_index: int, step: int, total_steps: int
     ) -> list[int]:
         """``k`` participants (sorted replica ids) for this round."""
-        n = len(losses)
-        if not 1 <= k <= n:
-            raise ValueError(f"`k` must be in [1, {n}], got {k}")
+        k = check_int("k", k, low=1, high=len(losses))
         pool = self.eligible(losses, k, round_index, step, total_steps)
         gen = self._generator(round_index + 1_000_000)
         pick = torch.randperm(len(pool), generator=gen)[:k].tolist()

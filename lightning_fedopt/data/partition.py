@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
+
+from lightning_fedopt._validate import check_choice, check_float, check_int
 
 __all__ = [
     "IID",
@@ -54,25 +57,12 @@ def as_labels(labels: Any) -> np.ndarray:
 
 
 def _check_replicas(num_replicas: int, n: int) -> None:
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"`num_replicas` must be an integer >= 1, got {num_replicas!r}")
+    check_int("num_replicas", num_replicas, low=1)
     if num_replicas > n:
         raise ValueError(
             f"`num_replicas` ({num_replicas}) is larger than the number of samples ({n}): "
             "every replica needs at least one sample"
         )
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"`seed` must be an integer, got {seed!r}")
-    return int(seed)
-
-
-def _check_min_size(min_size: Any) -> int:
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"`min_size` must be an integer >= 1, got {min_size!r}")
-    return min_size
 
 
 @dataclass(frozen=True)
@@ -129,16 +119,15 @@ class Partition:
 
         0 for a perfectly IID split; grows with label skew (Dirichlet ``alpha`` -> 0).
         """
+        check_choice("metric", metric, ("tv", "kl"))
         hist = self.label_histogram(labels).astype(np.float64)
         p = hist / hist.sum(1, keepdims=True)
         q = hist.sum(0) / hist.sum()
         if metric == "tv":
             return float(0.5 * np.abs(p - q).sum(1).mean())
-        if metric == "kl":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                terms = np.where(p > 0, p * np.log(p / q), 0.0)
-            return float(terms.sum(1).mean())
-        raise ValueError(f"`metric` must be 'tv' or 'kl', got {metric!r}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * np.log(p / q), 0.0)
+        return float(terms.sum(1).mean())
 
     def report(self, labels: Any) -> str:
         """A text table of every replica's size and label histogram, with the label divergence."""
@@ -158,7 +147,7 @@ class Partitioner:
     needs_labels = True
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = _check_seed(seed)
+        self.seed = check_int("seed", seed)
 
     def split(self, labels: Any, num_replicas: int) -> Partition:
         """Partition the samples described by ``labels`` (or a sample count) over ``num_replicas``."""
@@ -191,6 +180,7 @@ class IID(Partitioner):
 
     needs_labels = False
 
+    @override
     def _split(self, n: int, labels: np.ndarray | None, k: int, rng: np.random.Generator) -> list[np.ndarray]:
         return np.array_split(rng.permutation(n), k)
 
@@ -212,16 +202,10 @@ class Dirichlet(Partitioner):
 
     def __init__(self, alpha: float, min_size: int = 10, seed: int = 0) -> None:
         super().__init__(seed)
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not np.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}")
-        self.alpha = float(alpha)
-        self.min_size = _check_min_size(min_size)
+        self.alpha = check_float("alpha", alpha, low=0, low_open=True)
+        self.min_size = check_int("min_size", min_size, low=1)
 
+    @override
     def _split(self, n: int, labels: np.ndarray | None, k: int, rng: np.random.Generator) -> list[np.ndarray]:
         assert labels is not None
         if self.min_size * k > n:
@@ -257,14 +241,9 @@ class Shards(Partitioner):
 
     def __init__(self, shards_per_replica: int = 2, seed: int = 0) -> None:
         super().__init__(seed)
-        if (
-            isinstance(shards_per_replica, bool)
-            or not isinstance(shards_per_replica, int)
-            or shards_per_replica < 1
-        ):
-            raise ValueError(f"`shards_per_replica` must be an integer >= 1, got {shards_per_replica!r}")
-        self.shards_per_replica = shards_per_replica
+        self.shards_per_replica = check_int("shards_per_replica", shards_per_replica, low=1)
 
+    @override
     def _split(self, n: int, labels: np.ndarray | None, k: int, rng: np.random.Generator) -> list[np.ndarray]:
         assert labels is not None
         n_shards = k * self.shards_per_replica
@@ -298,11 +277,10 @@ class QuantitySkew(Partitioner):
 
     def __init__(self, beta: float = 0.5, min_size: int = 10, seed: int = 0) -> None:
         super().__init__(seed)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not np.isfinite(beta) or beta <= 0:
-            raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
-        self.beta = float(beta)
-        self.min_size = _check_min_size(min_size)
+        self.beta = check_float("beta", beta, low=0, low_open=True)
+        self.min_size = check_int("min_size", min_size, low=1)
 
+    @override
     def _split(self, n: int, labels: np.ndarray | None, k: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.min_size * k > n:
             raise ValueError(

@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_choice, check_int
 from lightning_fedopt.data.pacing import Pacing
 from lightning_fedopt.data.partition import Partition, Partitioner, as_labels, get_partitioner
 
@@ -122,10 +124,17 @@ class PartitionSampler(DistributedSampler):
             raise ValueError(
                 f"the partition covers {partition.num_samples} samples, the data set has {len(dataset)}"
             )
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < partition.num_replicas:
-            raise ValueError(f"`rank` must be in [0, {partition.num_replicas}), got {rank!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+        rank = check_int("rank", rank, low=0, high=partition.num_replicas - 1)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        try:
+            if isinstance(epoch_length, str):
+                check_choice("epoch_length", epoch_length, ("equal", "own"))
+            else:
+                epoch_length = check_int("epoch_length", epoch_length, low=1)
+        except ValueError:
+            raise ValueError(
+                f"`epoch_length` must be 'equal', 'own' or an integer >= 1, got {epoch_length!r}"
+            ) from None
         super().__init__(
             dataset,
             num_replicas=partition.num_replicas,
@@ -146,12 +155,8 @@ class PartitionSampler(DistributedSampler):
                     "the same number of steps: use 'equal' (or a number of samples) with more than one replica"
                 )
             samples = len(self.part)
-        elif isinstance(epoch_length, int) and not isinstance(epoch_length, bool) and epoch_length >= 1:
-            samples = epoch_length
         else:
-            raise ValueError(
-                f"`epoch_length` must be 'equal', 'own' or an integer >= 1, got {epoch_length!r}"
-            )
+            samples = epoch_length
         self.num_batches = samples // batch_size
         if self.num_batches < 1:
             raise ValueError(
@@ -249,12 +254,14 @@ class PartitionSampler(DistributedSampler):
         self._resume = None
         return done if epoch == self.epoch else 0
 
+    @override
     def __iter__(self) -> Iterator[int]:
         start = self._start_batch()
         epoch = self.epoch
         for b in range(start, self.num_batches):
             yield from self.batch_indices(epoch, b).tolist()
 
+    @override
     def __len__(self) -> int:
         return self.num_samples
 
@@ -310,6 +317,7 @@ class PartitionDataLoader(DataLoader):
         assert isinstance(self.sampler, PartitionSampler)
         return self.sampler
 
+    @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.partition_sampler
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
