@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_int
 from lightning_fedopt.comm import CommStats, Communicator, tensors_nbytes
 
 __all__ = ["TorchPeriodicAveragingStrategy"]
@@ -62,10 +64,8 @@ class TorchPeriodicAveragingStrategy(DDPStrategy):
         for name in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period"):
             if name in kwargs:
                 raise ValueError(f"TorchPeriodicAveragingStrategy: argument `{name}` is not supported")
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"`period` must be an integer >= 1, got {period!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
+        period = check_int("period", period, low=1)
+        warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
         super().__init__(**kwargs)
         self.period = period
         self.warmup_steps = warmup_steps
@@ -83,6 +83,7 @@ class TorchPeriodicAveragingStrategy(DDPStrategy):
         """Averages done so far."""
         return self._averages
 
+    @override
     def configure_ddp(self) -> None:
         """No DDP wrapper: broadcast rank 0's module state, then start a fresh averager."""
         module = self.model
@@ -102,6 +103,7 @@ class TorchPeriodicAveragingStrategy(DDPStrategy):
         a = self.averager
         return a is not None and a.step >= a.warmup_steps and (a.step - a.warmup_steps) % a.period == 0
 
+    @override
     def optimizer_step(
         self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
@@ -121,5 +123,6 @@ class TorchPeriodicAveragingStrategy(DDPStrategy):
         return out
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         """Registers nothing: the baseline is constructed explicitly, never by name."""

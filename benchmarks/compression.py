@@ -5,9 +5,9 @@
     python -m benchmarks.compression --strategies ddp,int8,dgc --steps 640
     python -m benchmarks.compression --dgc        # DGC's setting: momentum SGD, 1.1M parameters
 
-It is ``benchmarks/run.py``'s harness (same model, data, seed, subprocess per strategy, CSV + PNG +
-table in ``benchmarks/results/compression*``) with the rows of :data:`ROWS` added to
-``run.STRATEGIES``. A new row is one more entry ``"name": ("description", factory)``, e.g.
+It is the harness of ``python -m benchmarks.run`` (:mod:`benchmarks.compare`: same model, data, seed,
+subprocess per strategy, CSV + PNG + table in ``benchmarks/results/compression*``) with the rows of
+:data:`ROWS` added (:data:`SUITE`; its workers run this module). A new row is one more entry ``"name": ("description", factory)``, e.g.
 ``"diloco_int4"``: ``DiLoCoStrategy(sync_every=64, compressor="int4")``.
 
 At the end it prints the issue's goals against DDP: final validation loss (relative) and bytes
@@ -25,7 +25,6 @@ its bytes come from the cost model of the all-reduces the hook makes (``bytes_so
 # no ``from __future__ import annotations``: DDP checks the comm hook's annotations at registration
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +32,12 @@ from typing import Any
 
 import torch
 from torch.distributed import GradBucket
+from typing_extensions import override
 
-from benchmarks import run
+import lightning_fedopt as lf
+from benchmarks import compare, run
+from benchmarks.harness import DEFAULT_OUT, REFERENCES, Row, read_summary
+from benchmarks.rows import DILOCO_OUTER, lf_row
 from lightning_fedopt.comm import Communicator
 
 DEFAULT_ROWS = (
@@ -58,22 +61,12 @@ DEFAULT_ROWS = (
 
 
 def _compressed_ddp(**kw: Any) -> Any:
-    import lightning_fedopt as lf
-
     return lf.CompressedDDPStrategy(**kw)
 
 
-def _local_sgd(**kw: Any) -> Any:
-    import lightning_fedopt as lf
-
-    return lf.LocalSGDStrategy(**kw)
-
-
-def _diloco(**kw: Any) -> Any:
-    import lightning_fedopt as lf
-
-    # the outer step of the harness's "diloco" row (benchmarks/run.py)
-    return lf.DiLoCoStrategy(sync_every=64, outer_kwargs={"lr": 0.5, "momentum": 0.5, "nesterov": True}, **kw)
+def _diloco(**kw: Any) -> Callable[[], Any]:
+    """The harness's ``diloco`` row (:mod:`benchmarks.rows`) with ``kw`` on top."""
+    return lf_row("DiLoCoStrategy", sync_every=64, outer_kwargs=DILOCO_OUTER, **kw)
 
 
 def _topk(**kw: Any) -> Any:
@@ -107,32 +100,39 @@ def counted_powersgd_hook(
     return ps.powerSGD_hook(ps_state, bucket)
 
 
-def _powersgd(rank: int = 2, start_iter: int = 10) -> Any:
-    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+class PowerSGDStrategy(lf.MeteredDDPStrategy):
+    """MeteredDDPStrategy with PyTorch's PowerSGD hook instead of the plain counted all-reduce.
 
-    import lightning_fedopt as lf
+    Args:
+        approximation_rank: ``matrix_approximation_rank``: the rank of the low-rank approximation.
+        start_iter: ``start_powerSGD_iter``: plain all-reduces before it.
+        **kwargs: :class:`lightning_fedopt.MeteredDDPStrategy`'s arguments.
+    """
 
-    class PowerSGDStrategy(lf.MeteredDDPStrategy):
-        """MeteredDDPStrategy with PyTorch's PowerSGD hook instead of the plain counted all-reduce."""
+    bytes_source = "cost model"
 
-        bytes_source = "cost model"
+    def __init__(self, approximation_rank: int = 2, start_iter: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.approximation_rank = approximation_rank
+        self.start_iter = start_iter
 
-        def _register_ddp_hooks(self) -> None:
-            state = PowerSGDState(
-                process_group=None,
-                matrix_approximation_rank=rank,
-                start_powerSGD_iter=start_iter,
-                use_error_feedback=True,
-                warm_start=True,
-                random_seed=0,
-            )
-            self.model.register_comm_hook((state, self.comm), counted_powersgd_hook)  # type: ignore[union-attr]
+    @override
+    def _register_ddp_hooks(self) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 
-    return PowerSGDStrategy()
+        state = PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=self.approximation_rank,
+            start_powerSGD_iter=self.start_iter,
+            use_error_feedback=True,
+            warm_start=True,
+            random_seed=0,
+        )
+        self.model.register_comm_hook((state, self.comm), counted_powersgd_hook)  # type: ignore[union-attr]
 
 
-#: name -> (description, factory): the rows this benchmark adds to ``run.STRATEGIES``
-ROWS: dict[str, tuple[str, Callable[[], Any]]] = {
+#: name -> (description, factory): the rows this benchmark adds to ``run.SUITE``
+ROWS: dict[str, Row] = {
     "int8": (
         "CompressedDDPStrategy(Int8(block=256)): int8 gradients",
         lambda: _compressed_ddp(compressor="int8"),
@@ -165,31 +165,31 @@ ROWS: dict[str, tuple[str, Callable[[], Any]]] = {
         "CompressedDDPStrategy(TopK(density=0.01)): top-1% with error feedback",
         lambda: _compressed_ddp(compressor=_topk(density=0.01)),
     ),
-    "powersgd": ("PyTorch powerSGD_hook (rank 2, EF, warm start) on DDP [baseline]", lambda: _powersgd()),
+    "powersgd": ("PyTorch powerSGD_hook (rank 2, EF, warm start) on DDP [baseline]", PowerSGDStrategy),
     "local_sgd_int8": (
         "LocalSGDStrategy(sync_every=8, compressor='int8'): int8 model deltas",
-        lambda: _local_sgd(sync_every=8, compressor="int8"),
+        lf_row("LocalSGDStrategy", sync_every=8, compressor="int8"),
     ),
     "local_sgd_int4": (
         "LocalSGDStrategy(sync_every=8, compressor='int4'): int4 model deltas",
-        lambda: _local_sgd(sync_every=8, compressor="int4"),
+        lf_row("LocalSGDStrategy", sync_every=8, compressor="int4"),
     ),
     "local_sgd_h64_int4": (
         "LocalSGDStrategy(sync_every=64, compressor='int4')",
-        lambda: _local_sgd(sync_every=64, compressor="int4"),
+        lf_row("LocalSGDStrategy", sync_every=64, compressor="int4"),
     ),
     "diloco_int8": (
         "DiLoCoStrategy(sync_every=64, compressor='int8'): int8 pseudo-gradients",
-        lambda: _diloco(compressor="int8"),
+        _diloco(compressor="int8"),
     ),
     "diloco_int4": (
         "DiLoCoStrategy(sync_every=64, compressor='int4'): int4 pseudo-gradients",
-        lambda: _diloco(compressor="int4"),
+        _diloco(compressor="int4"),
     ),
     "diloco_int4_check": (
         "DiLoCoStrategy(sync_every=64, compressor='int4', initial_sync='check'): the ranks, seeded alike, "
         "compare digests instead of broadcasting the model at start-up",
-        lambda: _diloco(compressor="int4", initial_sync="check"),
+        _diloco(compressor="int4", initial_sync="check"),
     ),
 }
 
@@ -205,7 +205,7 @@ _SGD = {"optimizer": "sgd", "lr": SGD_LR, "schedule": "cosine"}
 DGC_ROWS: dict[str, tuple[str, Callable[[], Any], dict[str, Any]]] = {
     "ddp_sgd": (
         f"MeteredDDPStrategy(), SGD lr {SGD_LR} momentum 0.9, cosine [DGC's baseline]",
-        lambda: run.STRATEGIES["ddp"][1](),
+        run.SUITE.strategies["ddp"][1],
         {**_SGD, "momentum": 0.9},
     ),
     "dgc_sgd": (
@@ -246,13 +246,13 @@ DGC_ROWS: dict[str, tuple[str, Callable[[], Any], dict[str, Any]]] = {
 }
 
 
-def register() -> None:
-    """Add :data:`ROWS` and :data:`DGC_ROWS` to the harness and make its workers run this module."""
-    run.STRATEGIES.update(ROWS)
-    for name, (description, factory, model_kwargs) in DGC_ROWS.items():
-        run.STRATEGIES[name] = (description, factory)
-        run.MODEL_KWARGS[name] = model_kwargs
-    run.WORKER_MODULE = "benchmarks.compression"
+#: the harness's rows (``python -m benchmarks.run``'s) with :data:`ROWS` and :data:`DGC_ROWS` added;
+#: its workers run this module
+SUITE = run.SUITE.extended(
+    {**ROWS, **{name: (description, factory) for name, (description, factory, _) in DGC_ROWS.items()}},
+    model_kwargs={name: model_kwargs for name, (_, _, model_kwargs) in DGC_ROWS.items()},
+    worker_module="benchmarks.compression",
+)
 
 
 #: (row, baseline row, max % above the baseline's final val loss, min x fewer sync bytes, what)
@@ -274,8 +274,7 @@ def _baseline_of(name: str) -> str:
 
 def print_goals(summary_csv: Path) -> None:
     """The issue's goals against the run's DDP row (``ddp``, or ``ddp_sgd`` for the DGC rows)."""
-    with open(summary_csv) as fh:
-        rows = {r["strategy"]: r for r in csv.DictReader(fh)}
+    rows = read_summary(summary_csv)
     baselines = [b for b in ("ddp", "ddp_sgd") if b in rows]
     for base in baselines:
         ref = rows[base]
@@ -288,7 +287,7 @@ def print_goals(summary_csv: Path) -> None:
         )
         print(f"{'row':<22} {'val_loss':>8} {'vs ' + base:>10} {'x fewer (all)':>13} {'x fewer (sync)':>14}")
         for name, r in rows.items():
-            if name in baselines or name in run.REFERENCES or _baseline_of(name) != base:
+            if name in baselines or name in REFERENCES or _baseline_of(name) != base:
                 continue
             loss, sent, sync = float(r["final_val_loss"]), float(r["bytes_sent"]), float(r["sync_bytes_sent"])
             print(
@@ -308,14 +307,14 @@ def print_goals(summary_csv: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    register()
+    """``python -m benchmarks.compression``: see the module docstring; the harness's flags apply."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--worker" in argv:
-        run.main(argv)
+        compare.main(argv, SUITE)
         return
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--name", default=None)
-    parser.add_argument("--out", default=str(run.DEFAULT_OUT))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dgc", action="store_true")
     known, _ = parser.parse_known_args(argv)
@@ -328,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         defaults = ["--strategies", ",".join(DEFAULT_ROWS), "--no-single"]
     if known.name is None:
         defaults += ["--name", name]
-    run.main(defaults + argv)
+    compare.main(defaults + argv, SUITE)
     summary = Path(known.out) / f"{name}_summary.csv"
     if summary.exists():
         print_goals(summary)

@@ -27,11 +27,8 @@ Validation (on the consensus model, the full validation split) every 32 steps. O
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+from benchmarks.harness import DEFAULT_OUT, run_command, write_csv
+
 ARMS = ("plain", "curriculum", "anti", "random", "global")
 
 
@@ -83,10 +80,9 @@ def expert_scores(seed: int, hidden: int, epochs: int = 2) -> list[float]:
 
 def worker(args: argparse.Namespace) -> None:
     """One run (one arm, one alpha, one seed); rank 0 writes JSON to ``args.out``."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
+    from benchmarks import _worker  # imports Lightning: only in worker processes
 
-    torch.set_num_threads(1)
+    _worker.one_thread()
     import lightning as L
 
     import lightning_fedopt as lf
@@ -94,37 +90,20 @@ def worker(args: argparse.Namespace) -> None:
 
     reference = json.loads(Path(args.reference).read_text())
     L.seed_everything(args.seed, workers=True, verbose=False)
-    rows: list[dict[str, float]] = []
-
-    class Recorder(L.Callback):
-        def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-            if trainer.sanity_checking:
-                return
-            rows.append(
-                {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val_loss"])}
-            )
-
-    callbacks: list[Any] = [Recorder()]
+    recorder = _worker.ValLossRecorder()
+    callbacks: list[Any] = [recorder]
     curriculum = _curriculum(args.worker, reference)
     if curriculum is not None:
         callbacks.append(curriculum)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedopt-curriculum-") as root:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=args.devices,
+        trainer = _worker.digits_trainer(
             strategy=lf.LocalSGDStrategy(sync_every=args.sync_every),
-            max_steps=args.steps,
-            val_check_interval=args.val_every,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            deterministic=True,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            devices=args.devices,
+            steps=args.steps,
+            val_every=args.val_every,
             callbacks=callbacks,
-            default_root_dir=root,
+            root=root,
         )
         data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed, alpha=args.alpha, curriculum=True)
         trainer.fit(DigitsClassifier(hidden=args.hidden, lr=args.lr), data)
@@ -133,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
             "arm": args.worker,
             "alpha": args.alpha,
             "seed": args.seed,
-            "rows": rows,
+            "rows": recorder.rows,
             "wall_s": time.perf_counter() - start,
             "score_seconds": getattr(curriculum, "score_seconds", 0.0),
         }
@@ -143,9 +122,6 @@ def worker(args: argparse.Namespace) -> None:
 def _run_one(args: argparse.Namespace, arm: str, alpha: float, seed: int, reference: Path, tmp: Path) -> dict:
     out = tmp / f"{arm}_{alpha}_{seed}.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.curriculum",
         "--worker",
         arm,
         "--out",
@@ -162,20 +138,8 @@ def _run_one(args: argparse.Namespace, arm: str, alpha: float, seed: int, refere
         ),
         *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("hidden", "lr", "batch_size")),
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK")
-    }
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
     log = tmp / f"{arm}_{alpha}_{seed}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.run(
-            cmd, env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{arm} alpha={alpha} seed={seed} failed:\n{log.read_text()[-3000:]}")
+    run_command(f"{arm} alpha={alpha} seed={seed}", "benchmarks.curriculum", cmd, log, args.timeout)
     return json.loads(out.read_text())
 
 
@@ -283,17 +247,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"({time.perf_counter() - t0:.1f} s)",
                         flush=True,
                     )
-    with open(out_dir / f"{args.name}.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["alpha", "arm", "seed", "step", "val_loss"])
-        for r in results:
-            for row in r["rows"]:
-                w.writerow([r["alpha"], r["arm"], r["seed"], row["step"], row["val_loss"]])
+    rows = [
+        {
+            "alpha": r["alpha"],
+            "arm": r["arm"],
+            "seed": r["seed"],
+            "step": row["step"],
+            "val_loss": row["val_loss"],
+        }
+        for r in results
+        for row in r["rows"]
+    ]
+    write_csv(out_dir / f"{args.name}.csv", rows)
     summary = summarise(results)
-    with open(out_dir / f"{args.name}_summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+    write_csv(out_dir / f"{args.name}_summary.csv", summary)
     print(
         f"\n{'alpha':>6} {'arm':<11} {'final':>8} {'vs plain':>9} {'mean':>8} {'vs plain':>9} {'score s':>8}"
     )

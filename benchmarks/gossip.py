@@ -4,7 +4,7 @@
     python -m benchmarks.gossip --steps 640 --alpha 0.1
     python -m benchmarks.gossip --robust        # 1 of 4 replicas sends sign-flipped / huge updates
 
-One run of :mod:`benchmarks.run` (same harness, model, data and seed for every strategy; each
+One run of the harness (:mod:`benchmarks.compare`: same model, data and seed for every strategy; each
 strategy in its own subprocess with 4 gloo ranks) compares
 
 * ``ddp`` — the gradient all-reduce baseline;
@@ -30,81 +30,71 @@ replica's own model (``evaluate="local"``; the attacker merges honestly, it only
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _gossip(*args: Any, **kwargs: Any) -> Any:
-    import lightning_fedopt as lf
-
-    return lf.GossipStrategy(*args, **kwargs)
-
-
-def _one_shot() -> Any:
-    import lightning_fedopt as lf
-
-    return lf.LocalSGDStrategy(sync_every=10**9)  # never before the final merge
+from benchmarks import compare
+from benchmarks.harness import DEFAULT_OUT, Row, Suite, read_summary, write_csv
+from benchmarks.rows import STRATEGIES as LIBRARY_ROWS
+from benchmarks.rows import lf_row
 
 
-#: name -> (description, factory): the topology comparison (registered in benchmarks.run)
-STRATEGIES: dict[str, tuple[str, Callable[[], Any]]] = {
-    "gossip_ring": ("GossipStrategy('ring', gossip_every=1)", lambda: _gossip("ring", 1)),
-    "gossip_exp": ("GossipStrategy('exponential', gossip_every=1)", lambda: _gossip("exponential", 1)),
+def _gossip(topology: str, gossip_every: int, **kwargs: Any) -> Callable[[], Any]:
+    return lf_row("GossipStrategy", topology=topology, gossip_every=gossip_every, **kwargs)
+
+
+#: name -> (description, factory): the topology comparison (also rows of ``python -m benchmarks.run``)
+STRATEGIES: dict[str, Row] = {
+    "gossip_ring": ("GossipStrategy('ring', gossip_every=1)", _gossip("ring", 1)),
+    "gossip_exp": ("GossipStrategy('exponential', gossip_every=1)", _gossip("exponential", 1)),
     "gossip_onepeer": (
         "GossipStrategy('one_peer_exponential', gossip_every=1)",
-        lambda: _gossip("one_peer_exponential", 1),
+        _gossip("one_peer_exponential", 1),
     ),
     "gossip_sparse_merge": (
         "GossipStrategy('ring', gossip_every=16) + one global merge at the end",
-        lambda: _gossip("ring", 16),
+        _gossip("ring", 16),
     ),
     "gossip_truncate": (
         "GossipStrategy('ring', gossip_every=16, merge_from=0.9): global merges in the last 10%",
-        lambda: _gossip("ring", 16, merge_from=0.9),
+        _gossip("ring", 16, merge_from=0.9),
     ),
-    "one_shot_merge": ("LocalSGDStrategy: no communication, one merge at the end", _one_shot),
+    "one_shot_merge": (
+        "LocalSGDStrategy: no communication, one merge at the end",
+        lf_row("LocalSGDStrategy", sync_every=10**9),  # never before the final merge
+    ),
 }
 COMPARISON = ("ddp", *STRATEGIES)
 #: their last round (at the last step, a multiple of 16) is a global merge: no final merge follows
 _LAST_ROUND_IS_MERGE = {"gossip_truncate"}
 
 ATTACKER = 3
-ATTACKS = ("none", "sign_flip", "huge")
+#: attack -> the factor the attacker multiplies its round's update by (None: no attack)
+ATTACK_FACTORS: dict[str, float | None] = {"none": None, "sign_flip": -4.0, "huge": 100.0}
+ATTACKS = tuple(ATTACK_FACTORS)
 ROBUST_MERGES = ("mean", "trimmed_mean", "nna")
 
 
 def _byzantine(merge: str, attack: str) -> Any:
     import lightning_fedopt as lf
-
-    class ByzantineGossip(lf.GossipStrategy):
-        """Rank ``ATTACKER`` sends its round's update sign-flipped (x4) or blown up (x100)."""
-
-        def setup_algorithm(self) -> None:
-            super().setup_algorithm()
-            self._last = [t.detach().clone() for t in self.tracked_tensors()]
-
-        def outgoing_message(self, values: list[Any]) -> list[Any]:
-            if self.global_rank != ATTACKER or attack == "none":
-                return values
-            c = -4.0 if attack == "sign_flip" else 100.0
-            return [a + c * (v - a) for v, a in zip(values, self._last)]
-
-        def gossip_step(self) -> dict[str, float]:
-            out = super().gossip_step()
-            self._last = [t.detach().clone() for t in self.tracked_tensors()]
-            return out
+    from benchmarks._byzantine import ByzantineGossip
 
     kwargs = {"f": 1} if merge != "mean" else {}
     return ByzantineGossip(
-        "fully_connected", 4, merge=lf.Merge(merge, **kwargs), evaluate="local", final_sync=False
+        "fully_connected",
+        4,
+        merge=lf.Merge(merge, **kwargs),
+        evaluate="local",
+        final_sync=False,
+        factor=ATTACK_FACTORS[attack],
+        attacker=ATTACKER,
     )
 
 
-#: runnable by name (``--robust``), not in benchmarks.run's default list: they need 4 ranks
-EXTRA_STRATEGIES: dict[str, tuple[str, Callable[[], Any]]] = {
+#: runnable by name (``--robust``), not in the default lists: they need 4 ranks
+EXTRA_STRATEGIES: dict[str, Row] = {
     f"byz_{m}_{a}": (
         f"fully connected gossip every 4 steps, merge={m!r}, rank {ATTACKER} attack={a!r}",
         lambda m=m, a=a: _byzantine(m, a),
@@ -112,11 +102,6 @@ EXTRA_STRATEGIES: dict[str, tuple[str, Callable[[], Any]]] = {
     for m in ROBUST_MERGES
     for a in ATTACKS
 }
-
-
-def _read_summary(path: Path) -> dict[str, dict[str, str]]:
-    with open(path, newline="") as fh:
-        return {row["strategy"]: row for row in csv.DictReader(fh)}
 
 
 def _payload_bytes(hidden: int) -> int:
@@ -127,7 +112,7 @@ def _payload_bytes(hidden: int) -> int:
 def report_comparison(outdir: Path, name: str, devices: int, hidden: int) -> list[dict[str, Any]]:
     from lightning_fedopt.comm import cost_model
 
-    summary = _read_summary(outdir / f"{name}_summary.csv")
+    summary = read_summary(outdir / f"{name}_summary.csv")
     ddp = summary["ddp"]
     ddp_loss, ddp_bytes = float(ddp["final_val_loss"]), int(ddp["sync_bytes_sent"])
     merge_bytes = cost_model("all_reduce", _payload_bytes(hidden) + 8, devices)[0]
@@ -165,7 +150,7 @@ def report_comparison(outdir: Path, name: str, devices: int, hidden: int) -> lis
 
 
 def report_robust(outdir: Path, name: str) -> list[dict[str, Any]]:
-    summary = _read_summary(outdir / f"{name}_summary.csv")
+    summary = read_summary(outdir / f"{name}_summary.csv")
     clean = {m: float(summary[f"byz_{m}_none"]["final_val_loss"]) for m in ROBUST_MERGES}
     rows = []
     print(f"\n=== {name}: rank {ATTACKER} of 4 attacks; mean over replicas of each own model's val loss ===")
@@ -191,23 +176,34 @@ def report_robust(outdir: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print(f"wrote {path}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from benchmarks import run
+#: the suite of this benchmark's workers: the library's rows (``ddp``, ...), the topology rows, the
+#: Byzantine rows (the rows of ``python -m benchmarks.run``, as before this suite had its own workers)
+SUITE = Suite(
+    strategies={**LIBRARY_ROWS, **STRATEGIES},
+    extra=EXTRA_STRATEGIES,
+    worker_module="benchmarks.gossip",
+    prog="python -m benchmarks.gossip",
+    description="The harness run of python -m benchmarks.gossip (see benchmarks/compare.py).",
+)
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m benchmarks.gossip``: see the module docstring and ``--help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv:
+        compare.main(argv, SUITE)
+        return
     p = argparse.ArgumentParser(prog="python -m benchmarks.gossip", description=__doc__.split("\n\n")[0])
     p.add_argument("--robust", action="store_true", help="the Byzantine-replica experiment instead")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="default 320 (robust: 160)")
     p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet label skew (comparison only)")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--out", default=str(run.DEFAULT_OUT))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--name", default=None)
     args, rest = p.parse_known_args(argv)
     if args.robust:
@@ -222,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps = args.steps or 320
         strategies = ",".join(COMPARISON)
         extra = ["--alpha", str(args.alpha)]
-    run.main(
+    compare.main(
         [
             "--strategies",
             strategies,
@@ -239,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             name,
             *extra,
             *rest,
-        ]
+        ],
+        SUITE,
     )
     if args.robust:
         report_robust(Path(args.out), name)

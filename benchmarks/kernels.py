@@ -19,7 +19,6 @@ measured. ``--cpu-smoke`` runs every code path on tiny CPU tensors under ``TRITO
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -28,8 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+from benchmarks.harness import DEFAULT_OUT, write_csv
 
 
 def _timer(device: str) -> Callable[[Callable[[], Any], int], float]:
@@ -61,6 +59,15 @@ def _timer(device: str) -> Callable[[Callable[[], Any], int], float]:
     return cuda_time if device == "cuda" else cpu_time
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether two kernel results (a tensor or a tuple of tensors) are equal bit for bit."""
+    import torch
+
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def cases(n: int, chunks: int, block: int, device: str) -> list[dict[str, Any]]:
     """Every kernel: its Triton and reference calls, the bytes it must move, its kind, a check."""
     import torch
@@ -82,11 +89,6 @@ def cases(n: int, chunks: int, block: int, device: str) -> list[dict[str, Any]]:
     thr = float(x.abs().kthvalue(n - max(1, n // 1000)).values)  # ~0.1% pass
     k = int((x.abs() >= thr).sum())
     e1, e2 = err.clone(), err.clone()
-
-    def same(a: Any, b: Any) -> bool:
-        a = a if isinstance(a, tuple) else (a,)
-        b = b if isinstance(b, tuple) else (b,)
-        return all(torch.equal(u, v) for u, v in zip(a, b))
 
     return [
         {
@@ -208,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             t_ref = timer(case["torch"], max(1, reps // 3))
             check = case.get("check", "auto")
             if check == "auto":
-                a, b = case["triton"](), case["torch"]()
-                a = a if isinstance(a, tuple) else (a,)
-                b = b if isinstance(b, tuple) else (b,)
-                exact = all(torch.equal(u, v) for u, v in zip(a, b))
+                exact = same(case["triton"](), case["torch"]())
             else:
                 exact = None if check is None else bool(check())
             bw = case["bytes"] / t_tri
@@ -240,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_cpu_smoke" if args.cpu_smoke else "kernels"
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / f"{stem}.csv", rows)
     _plot(rows, out / f"{stem}.png", gpu)
     met = [r for r in rows if r["fraction_of_copy"] >= r["goal_fraction"] and r["speedup_vs_torch"] >= 3]
     print(
