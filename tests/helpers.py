@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from compressed_reference import simulate_all_reduce_compressed  # noqa: F401 (re-exported for the tests)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -387,49 +388,3 @@ def fit_fork(
     )
     trainer.fit(module)
     return load_ranks(out, n)
-
-
-def _chunk_len(n: int, world: int, multiple: int) -> int:
-    """Values per chunk of the chunked compressed all-reduce: ceil(n / world) rounded up to ``multiple``."""
-    per = -(-n // world)
-    return -(-per // multiple) * multiple
-
-
-def simulate_all_reduce_compressed(
-    per_rank: list[list[torch.Tensor]], comps: list[Any], names: list[str]
-) -> list[torch.Tensor]:
-    """Single-process reference of ``Communicator.all_reduce_compressed`` for ``len(per_rank)`` ranks
-    (all finite): ``comps[r]`` is rank r's compressor (its state is used and updated as that rank's
-    would be). Returns the tensors every rank ends with."""
-    import copy
-
-    world = len(per_rank)
-    out = []
-    for ti, name in enumerate(names):
-        xs = [per_rank[r][ti].detach().reshape(-1).float() for r in range(world)]
-        shape, dtype = per_rank[0][ti].shape, per_rank[0][ti].dtype
-        mode = comps[0].collective
-        if mode == "chunked":
-            chunk = _chunk_len(xs[0].numel(), world, comps[0].chunk_multiple)
-            pads = [torch.cat([x, torch.zeros(chunk * world - x.numel())]) for x in xs]
-            parts = []
-            for j in range(world):  # rank j owns chunk j: mean of the decoded chunks, re-compressed
-                pays = [
-                    comps[r].compress(pads[r][j * chunk : (j + 1) * chunk], f"{name}/w{j}", salt=r)
-                    for r in range(world)
-                ]
-                mean = comps[j].decompress_sum(pays) / world
-                server = comps[j].compress(mean, f"{name}/s{j}", salt=j)
-                parts.append(comps[j].decompress_sum([server]))
-            res = torch.cat(parts)[: xs[0].numel()]
-        elif mode == "gather":  # whole payloads all-gathered
-            pays = [comps[r].compress(xs[r], name, salt=r) for r in range(world)]
-            mean = comps[0].decompress_sum(pays) / world
-            res = [comps[r].aggregate(name, mean) for r in range(world)][-1]
-        else:  # linear: the payloads are averaged
-            pays = [comps[r].compress(xs[r], name, salt=r) for r in range(world)]
-            avg = copy.copy(pays[0])
-            avg.tensors = (sum(p.tensors[0] for p in pays) / world,)
-            res = comps[0].decompress_sum([avg])
-        out.append(res.view(shape).to(dtype))
-    return out

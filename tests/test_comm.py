@@ -43,6 +43,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     # all_gather
     g = comm.all_gather(torch.tensor([rank, rank * 10]), purpose="sync").wait()
     res["g"] = torch.stack(g)
+    # all_to_all: row j goes to rank j
+    rows = torch.tensor([[float(rank), float(j)] for j in range(world)])
+    res["a2a"] = comm.all_to_all(rows, purpose="a2a")
     # point-to-point ring exchange
     right, left = (rank + 1) % world, (rank - 1) % world
     inbox = torch.empty(3)
@@ -72,6 +75,7 @@ def test_collectives_and_byte_counts(tmp_path, world):
         torch.testing.assert_close(res["d"], torch.full((6,), float(world - 1)))
         torch.testing.assert_close(res["g"], torch.tensor([[r, r * 10] for r in range(world)]))
         torch.testing.assert_close(res["inbox"], torch.full((3,), float((rank - 1) % world)))
+        torch.testing.assert_close(res["a2a"], torch.tensor([[float(i), float(rank)] for i in range(world)]))
         assert res["obj"] == {"hello": 0} and res["objs"] == [2 * r for r in range(world)]
         torch.testing.assert_close(res["f"], torch.full((2,), sum(range(world)) / world))
 
@@ -90,6 +94,8 @@ def test_collectives_and_byte_counts(tmp_path, world):
         gossip = stats["by_purpose"]["gossip"]
         assert gossip["bytes_sent"] == 12 and gossip["bytes_received"] == 12
         assert stats["by_op"]["barrier"]["rounds"] == 1
+        a2a = stats["by_purpose"]["a2a"]  # (N-1)/N of the N rows of 2 fp32 values
+        assert a2a["bytes_sent"] == a2a["bytes_received"] == (world - 1) * 8 and a2a["rounds"] == 1
         assert stats["total"]["seconds"] > 0
 
 
@@ -103,6 +109,7 @@ def test_single_process_is_a_counted_noop():
     assert comm.stats.bytes_sent == 0 and comm.stats.rounds == 0
     assert comm.all_gather(t).wait()[0].equal(t)
     assert comm.all_gather_object(5) == [5]
+    assert comm.all_to_all(t[None]).equal(t[None])
     with pytest.raises(ValueError, match="op"):
         comm.all_reduce([t], "average")
 

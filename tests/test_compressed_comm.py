@@ -1,5 +1,6 @@
-"""Communicator.all_reduce_compressed on real processes (fork, gloo) against a single-process
-reference of the same collective, the true mean and the byte counts."""
+"""The compressed all-reduce (compression.collective.all_reduce_compressed) on real processes
+(fork, gloo) against a single-process reference of the same collective, the true mean and the
+byte counts."""
 
 from __future__ import annotations
 
@@ -12,17 +13,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import _chunk_len, simulate_all_reduce_compressed
+from compressed_reference import chunk_len, simulate_all_reduce_compressed
+from helpers import TIMEOUT, KnownBatchModule, fit_fork
 
+import lightning_fedopt as lf
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.compression import (
+    FP16,
     Compressor,
     ErrorControl,
+    Int8,
     RandomProjection,
     Sign,
     TopK,
     get_compressor,
 )
+from lightning_fedopt.compression.collective import all_reduce_compressed
 
 SPECS = ["int8", "int4", "sign", "topk", "fp16", "bf16", "randomprojection", "errorcontrol"]
 ROUNDS = 3
@@ -60,6 +66,12 @@ def rank_tensors(rank: int, rnd: int) -> list[torch.Tensor]:
     return [torch.randn(7, 9, generator=g) * (rank + 1), torch.randn(5, generator=g).double()]
 
 
+def small_tensors(rank: int) -> list[torch.Tensor]:
+    """20 tensors of 3 fp32 values (60 in all), as a model of many biases and norms."""
+    g = torch.Generator().manual_seed(500 + rank)
+    return [torch.randn(3, generator=g) for _ in range(20)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +88,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         rounds = []
         for rnd in range(ROUNDS):
             ts = rank_tensors(rank, rnd)
-            comm.all_reduce_compressed(ts, c, names=NAMES, purpose="sync")
+            all_reduce_compressed(comm, ts, c, names=NAMES, purpose="sync")
             rounds.append([t.clone() for t in ts])
         res[spec] = {"rounds": rounds, "stats": comm.stats.state_dict(), "ratio": comm.compression_ratio}
     for spec, make in LONG.items():
@@ -84,7 +96,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         rounds = []
         for rnd in range(LONG_ROUNDS):
             ts = long_tensors(rank, rnd)
-            comm.all_reduce_compressed(ts, c, names=NAMES, purpose="sync")
+            all_reduce_compressed(comm, ts, c, names=NAMES, purpose="sync")
             rounds.append(ts)
         res[f"long_{spec}"] = rounds
     # a NaN on the last rank: it is left out, the others' mean comes back everywhere
@@ -92,15 +104,31 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ts = rank_tensors(rank, 0)
     if rank == world - 1:
         ts[0][0, 0] = float("nan")
-    comm.all_reduce_compressed(ts, make_compressor("int8"), names=NAMES)
+    all_reduce_compressed(comm, ts, make_compressor("int8"), names=NAMES)
     res["nan"] = {"tensors": ts, "excluded": comm.last_compressed["excluded_nonfinite"]}
     # everyone NaN: every rank raises (none hangs)
     bad = [torch.full((4,), float("nan"))]
     try:
-        comm.all_reduce_compressed(bad, make_compressor("sign"))
+        all_reduce_compressed(comm, bad, make_compressor("sign"))
         res["all_nan"] = "no error"
     except RuntimeError as e:
         res["all_nan"] = str(e)
+    # many small tensors (int8, 256-value blocks): packed into one buffer, not a block per tensor
+    comm = Communicator()
+    ts = small_tensors(rank)
+    all_reduce_compressed(comm, ts, Int8(), names=[f"t{i}" for i in range(len(ts))])
+    res["small"] = {"tensors": ts, "stats": comm.stats.state_dict()}
+    # what would not be smaller compressed travels dense: one fp32 value under int8, fp16 under FP16
+    comm = Communicator()
+    ts = [torch.full((1,), float(rank + 1)), torch.full((6,), rank + 0.1, dtype=torch.float16)]
+    all_reduce_compressed(comm, ts[:1], Int8(), names=["one"])
+    all_reduce_compressed(comm, ts[1:], FP16(), names=["half"])
+    res["dense"] = {"tensors": ts, "stats": comm.stats.state_dict(), "ratio": comm.compression_ratio}
+    # op="sum": the mean times the number of ranks
+    comm, c = Communicator(), make_compressor("int8")
+    ts = rank_tensors(rank, 0)
+    all_reduce_compressed(comm, ts, c, names=NAMES, op="sum")
+    res["sum"] = ts
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -157,12 +185,12 @@ def test_compressed_all_reduce(tmp_path_factory, world):
         stats = ranks[0][spec]["stats"]["by_op"]
         c = make_compressor(spec)
         sizes = [63, 5]
-        if c.collective == "chunked":
-            chunks = [_chunk_len(n, world, c.chunk_multiple) for n in sizes]
+        if c.collective == "chunked":  # w (fp32) and b (fp64) are two packed buffers
+            chunks = [chunk_len(n, world) for n in sizes]
             p = sum(c.compressed_nbytes(ch) for ch in chunks)
             assert stats["all_to_all"]["bytes_sent"] == ROUNDS * (world - 1) * (1 + p)
             assert stats["all_gather"]["bytes_sent"] == ROUNDS * (world - 1) * (4 + p)
-            # per-rank traffic does not grow with N: 2 (N-1)/N of the (padded) compressed size plus headers
+            # per-rank traffic does not grow with N: 2 (N-1)/N of the compressed size plus headers
             per_round = (stats["all_to_all"]["bytes_sent"] + stats["all_gather"]["bytes_sent"]) / ROUNDS
             total = world * p  # the compressed size of the whole (padded) tensors
             assert per_round <= 2 * (world - 1) / world * total + 5 * (world - 1)
@@ -185,6 +213,52 @@ def test_compressed_all_reduce(tmp_path_factory, world):
     assert float((ranks[0]["nan"]["tensors"][0] - mean).abs().max()) <= amax / 127 * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_small_tensors_are_packed_and_never_cost_more_than_dense(tmp_path_factory, world):
+    """The defect of per-tensor chunks: every tensor was padded to a whole block per rank, so 20
+    tensors of 3 values under int8 (blocks of 256) sent 20 * 260 bytes per rank and direction
+    (10,405 bytes per call on 2 ranks, where an fp32 all-reduce sends 240). Packed into one buffer
+    they travel as one int8 buffer of 60 values; a buffer whose compressed form is not smaller than
+    its dense bytes travels dense (exact); op="sum" is the mean times the ranks."""
+    ranks = run_ranks(tmp_path_factory, world)
+    # packed: one chunk of ceil(60 / N) values per rank, int8 codes + one scale
+    p = Int8().compressed_nbytes(chunk_len(60, world))
+    by_op = ranks[0]["small"]["stats"]["by_op"]
+    assert by_op["all_to_all"]["bytes_sent"] == (world - 1) * (1 + p)
+    assert by_op["all_gather"]["bytes_sent"] == (world - 1) * (4 + p)
+    sent = ranks[0]["small"]["stats"]["total"]["bytes_sent"]
+    dense_all_reduce = 2 * (world - 1) * 60 * 4 // world
+    assert sent < dense_all_reduce
+    names = [f"t{i}" for i in range(20)]
+    ref = simulate_all_reduce_compressed(
+        [small_tensors(r) for r in range(world)], [Int8() for _ in range(world)], names
+    )
+    for r in range(world):
+        for got, want in zip(ranks[r]["small"]["tensors"], ref):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # dense: 1 fp32 value under int8 (1 code + a scale = 5 bytes > 4), fp16 values under FP16
+    one = torch.tensor([sum(range(1, world + 1)) / world])
+    half = (sum(torch.full((6,), r + 0.1, dtype=torch.float16).float() for r in range(world)) / world).half()
+    for r in range(world):
+        assert torch.equal(ranks[r]["dense"]["tensors"][0], one)
+        assert torch.equal(ranks[r]["dense"]["tensors"][1], half)
+    by_op = ranks[0]["dense"]["stats"]["by_op"]
+    c_half = chunk_len(6, world)
+    assert by_op["all_to_all"]["bytes_sent"] == (world - 1) * ((1 + 4) + (1 + 2 * c_half))
+    assert by_op["all_gather"]["bytes_sent"] == (world - 1) * ((4 + 4) + (4 + 2 * c_half))
+    # op="sum"
+    ref = simulate_all_reduce_compressed(
+        [rank_tensors(r, 0) for r in range(world)],
+        [make_compressor("int8") for _ in range(world)],
+        NAMES,
+        op="sum",
+    )
+    for r in range(world):
+        for i in range(2):
+            torch.testing.assert_close(ranks[r]["sum"][i], ref[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(ranks[r]["sum"][i], ranks[r]["int8"]["rounds"][0][i] * world)
+
+
 def _scaled_sign(y: torch.Tensor) -> torch.Tensor:
     """1-bit Adam's compressor written out: ||y||_2 / sqrt(n) * sign(y), sign(0) = +1."""
     return torch.where(y >= 0, 1.0, -1.0).double() * y.double().norm() / math.sqrt(y.numel())
@@ -194,7 +268,7 @@ def _sign_all_reduce_first_round(xs: list[torch.Tensor], world: int) -> torch.Te
     """The chunked 1-bit all-reduce with empty error buffers, from the paper's formulas: chunk j of
     every rank is sign-compressed, rank j averages and sign-compresses the mean again."""
     n = xs[0].numel()
-    chunk = _chunk_len(n, world, 8)
+    chunk = chunk_len(n, world)
     padded = [torch.cat([x.reshape(-1).float(), torch.zeros(chunk * world - n)]) for x in xs]
     out = []
     for j in range(world):
@@ -283,17 +357,35 @@ def test_single_process_goes_through_the_compressor():
     comm = Communicator()
     x = torch.randn(100)
     y = x.clone()
-    comm.all_reduce_compressed([y], get_compressor("int4"))
+    all_reduce_compressed(comm, [y], get_compressor("int4"))
     assert not torch.equal(x, y) and float((x - y).abs().max()) <= 2 * float(x.abs().max()) / 7
-    # 100 values padded to one block of 256: 128 bytes of codes + one fp32 scale
-    assert comm.stats.bytes_sent == 0 and comm.compression_ratio == pytest.approx(400 / (128 + 4))
+    # 100 values, no padding: 50 bytes of codes + one fp32 scale (a partial block of 256)
+    assert comm.stats.bytes_sent == 0 and comm.compression_ratio == pytest.approx(400 / (50 + 4))
 
 
 def test_bad_arguments():
     comm = Communicator()
     with pytest.raises(ValueError, match="names"):
-        comm.all_reduce_compressed([torch.ones(3)], get_compressor("int8"), names=["a", "b"])
+        all_reduce_compressed(comm, [torch.ones(3)], get_compressor("int8"), names=["a", "b"])
     with pytest.raises(ValueError, match="floating-point"):
-        comm.all_reduce_compressed([torch.ones(3, dtype=torch.int64)], get_compressor("int8"))
+        all_reduce_compressed(comm, [torch.ones(3, dtype=torch.int64)], get_compressor("int8"))
     with pytest.raises(ValueError, match="non-empty"):
-        comm.all_reduce_compressed([torch.ones(0)], get_compressor("sign"))
+        all_reduce_compressed(comm, [torch.ones(0)], get_compressor("sign"))
+    with pytest.raises(ValueError, match="`op`"):
+        all_reduce_compressed(comm, [torch.ones(3)], get_compressor("int8"), op="max")
+    assert not hasattr(comm, "all_reduce_compressed")  # one way down to the wire: the collective module
+
+
+def test_compressed_ddp_int8_sends_fewer_bytes_than_fp32_ddp(tmp_path):
+    """The defect on a real model: KnownBatchModule's 97 parameters in 4 tensors under
+    CompressedDDPStrategy("int8") (blocks of 256) were padded to one block per tensor and rank:
+    4 * 260 bytes per rank and direction, 25,020 bytes of "sync" in 12 steps where fp32 DDP sends
+    4,656. Packed, the bucket travels as one int8 buffer: ceil(97 / 2) = 49 codes + 1 scale."""
+    strategy = lf.CompressedDDPStrategy(compressor="int8", start_method="fork", timeout=TIMEOUT)
+    ranks = fit_fork(tmp_path, KnownBatchModule(), strategy, max_steps=12)
+    p = Int8().compressed_nbytes(chunk_len(97, 2))  # 53
+    per_step = (1 + p) + (4 + p)  # all-to-all row (flag + chunk), all-gather row (count + chunk)
+    for r in range(2):
+        sync = ranks[r]["comm"]["by_purpose"]["sync"]
+        assert sync["bytes_sent"] == 12 * per_step == 1332
+        assert sync["bytes_sent"] < 12 * 2 * (2 - 1) * 97 * 4 // 2  # fp32 DDP: 4,656

@@ -405,26 +405,73 @@ def test_reference_quantize_roundtrip_property(n, block_log, bits, seed):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: Int8(block=16, error_feedback=True), lambda: Int4(block=8), lambda: FP16(error_feedback=True)],
+    [
+        lambda: Int8(block=16, error_feedback=True),
+        lambda: Int4(block=8, rounding="stochastic"),
+        lambda: FP16(error_feedback=True),
+        lambda: Sign(),
+    ],
+    ids=["int8_ef", "int4_stochastic", "fp16_ef", "sign"],
 )
-def test_compress_group_equals_compressing_the_parts(make):
-    """The collective compresses chunk j of all tensors in one call: same codes, scales and per-key
-    error buffers as one call per part (parts are whole blocks)."""
+def test_compress_packed_keeps_state_per_tensor(make):
+    """The chunked collective compresses a packed buffer chunk by chunk: one chunk equals
+    compressing the concatenation under one key (same codes, same seeds), while the state stays
+    per tensor key (full-size buffers), is only written where a slice covers it, and round-trips
+    through state_dict (the next call after a reload equals the uninterrupted one)."""
+    sizes = [20, 7, 37]
+    keys = ["w", "b", "v"]
     a, b = make(), make()
     for t in range(3):
-        parts = [_x(32, seed=t), _x(16, seed=10 + t) * 5, _x(64, seed=20 + t) * 0.1]
-        keys = ["w", "b", "v"]
-        grouped = a.compress_group(parts, keys)
-        singles = [b.compress(p, k) for p, k in zip(parts, keys)]
-        for i in range(len(grouped.tensors)):
-            assert torch.equal(grouped.tensors[i], torch.cat([s.tensors[i] for s in singles]))
-        assert torch.equal(a.decompress(grouped), torch.cat([b.decompress(s) for s in singles]))
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)  # ["b", "v", "w"] with error feedback, nothing without
-    for k in sa:
-        assert all(
-            torch.equal(sa[k][n], sb[k][n]) if isinstance(sb[k][n], torch.Tensor) else sa[k][n] == sb[k][n]
-            for n in sb[k]
-        )
-    with pytest.raises(NotImplementedError):
-        Sign().compress_group([torch.ones(8)], ["x"])
+        x = torch.cat([_x(n, seed=10 * t + i) * (i + 1) for i, n in enumerate(sizes)])
+        (packed,) = a.compress_packed(x, keys, sizes, tag="t")
+        single = b.compress(x, "w#t0")  # the temporary key the packed call compresses under
+        for u, v in zip(packed.tensors, single.tensors):
+            assert torch.equal(u, v)
+        whole = b.state_dict().get("w#t0", {})
+        if "error" in whole:
+            for k, e in zip(keys, torch.split(whole["error"], sizes)):
+                assert torch.equal(a.state_dict()[k]["error"], e)
+        if "calls" in whole:
+            assert all(a.state_dict()[k]["calls"] == whole["calls"] for k in keys)
+    st = a.state_dict()
+    if getattr(a, "error_feedback", False):
+        assert sorted(st) == sorted(keys) and [st[k]["error"].numel() for k in keys] == sizes
+    # a slice (a server's chunk) touches only the keys it covers, at the positions it covers
+    c = make()
+    c.compress_packed(torch.ones(10), keys, sizes, offset=22, tag="s")  # "b"[2:7] and "v"[0:5]
+    if getattr(c, "error_feedback", False):
+        assert sorted(c.state_dict()) == ["b", "v"]
+        assert bool((c.state_dict()["v"]["error"][5:] == 0).all())
+        assert bool((c.state_dict()["b"]["error"][:2] == 0).all())
+    # round trip: reload the state, the next call (in two chunks) matches
+    d = make()
+    d.load_state_dict(st)
+    x = torch.cat([_x(n, seed=99 + i) for i, n in enumerate(sizes)])
+    for p, q in zip(
+        a.compress_packed(x, keys, sizes, parts=2, tag="t"),
+        d.compress_packed(x, keys, sizes, parts=2, tag="t"),
+    ):
+        for u, v in zip(p.tensors, q.tensors):
+            assert torch.equal(u, v)
+
+
+def test_wire_round_trip():
+    """The one wire format: a header (flag byte or int32 count) then the payloads' bytes, read back
+    with the layouts of payloads the receiver built itself."""
+    from lightning_fedopt.compression import wire
+    from lightning_fedopt.compression.base import Payload
+
+    pays = [
+        Int4(block=8).compress(_x(13)),
+        TopK(density=0.3, error_feedback=False).compress(_x(10, seed=1)),
+        Payload((torch.arange(3, dtype=torch.float64),), 3, torch.Size([3]), torch.float64),
+    ]
+    for dtype, header in ((torch.uint8, 1), (torch.int32, 70000)):
+        buf = wire.encode(pays, header, header_dtype=dtype)
+        assert buf.dtype == torch.uint8
+        assert buf.numel() == wire.header_nbytes(dtype) + sum(p.nbytes for p in pays)
+        got_header, got = wire.decode(buf, pays, header_dtype=dtype)
+        assert got_header == header
+        for p, q in zip(pays, got):
+            assert all(torch.equal(a, b) for a, b in zip(p.tensors, q.tensors))
+            assert (q.numel, q.shape, q.dtype) == (p.numel, p.shape, p.dtype)

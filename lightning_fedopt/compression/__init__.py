@@ -2,7 +2,8 @@
 
 Any strategy that takes ``compressor=`` accepts a :class:`Compressor` object, a lowercase class
 name (:func:`get_compressor`), or None (no compression). The compressed all-reduce is
-:meth:`lightning_fedopt.comm.Communicator.all_reduce_compressed`.
+:func:`lightning_fedopt.compression.collective.all_reduce_compressed` (also exported here); the
+wire format of compressed messages is :mod:`lightning_fedopt.compression.wire`.
 
 Example:
     >>> from lightning_fedopt.compression import get_compressor
@@ -14,11 +15,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning_fedopt.compression.base import Compressor, Payload
+from lightning_fedopt.compression.collective import all_reduce_compressed
 from lightning_fedopt.compression.compressors import (
     BF16,
+    COMPRESSORS,
     FP16,
     ErrorControl,
     Int4,
@@ -26,6 +27,7 @@ from lightning_fedopt.compression.compressors import (
     RandomProjection,
     Sign,
     TopK,
+    get_compressor,
 )
 from lightning_fedopt.compression.onebit_adam import OneBitAdam
 
@@ -42,27 +44,6 @@ __all__ = [
     "RandomProjection",
     "Sign",
     "TopK",
+    "all_reduce_compressed",
     "get_compressor",
 ]
-
-#: lowercase class name -> class, what :func:`get_compressor` accepts
-COMPRESSORS: dict[str, type[Compressor]] = {
-    c.name: c for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection)
-}
-
-
-def get_compressor(spec: Any) -> Compressor | None:
-    """A compressor from ``spec``: None, a :class:`Compressor` (returned as is) or a lowercase
-    class name (a new instance with default arguments).
-
-    Raises:
-        ValueError: for an unknown name or any other kind of value (the message lists the names).
-    """
-    if spec is None or isinstance(spec, Compressor):
-        return spec
-    if isinstance(spec, str) and spec in COMPRESSORS:
-        return COMPRESSORS[spec]()
-    raise ValueError(
-        f"`compressor` must be None, a lightning_fedopt.compression.Compressor or one of "
-        f"{sorted(COMPRESSORS)}, got {spec!r}"
-    )

@@ -6,14 +6,16 @@ compressed independently; :meth:`Compressor.state_dict` / :meth:`Compressor.load
 checkpoint it. :meth:`Compressor.compressed_nbytes` says how many bytes a tensor of ``n`` values
 travels as, :attr:`Payload.nbytes` how many a given payload takes.
 
-How a compressor takes part in :meth:`lightning_fedopt.comm.Communicator.all_reduce_compressed`
-is its :attr:`Compressor.collective`:
+How a compressor takes part in the compressed all-reduce
+(:func:`lightning_fedopt.compression.collective.all_reduce_compressed`) is its
+:attr:`Compressor.collective`, the name of a scheme of that module:
 
-* ``"chunked"``: each rank compresses ``N`` chunks of the tensor, an all-to-all delivers chunk ``j``
-  of every rank to rank ``j``, which decodes and sums them in fp32, re-compresses the mean with
-  its own (server) state, and an all-gather returns every chunk to everyone — per-rank traffic
-  ``~2 (N-1)/N`` compressed sizes, independent of ``N`` (1-bit Adam's and torchft's scheme);
-* ``"gather"``: the whole tensor is compressed once and the payloads are all-gathered (top-k's
+* ``"chunked"``: the tensors of a call are packed into one flat buffer per dtype, each rank
+  compresses ``N`` chunks of it, an all-to-all delivers chunk ``j`` of every rank to rank ``j``,
+  which decodes and sums them in fp32, re-compresses the result with its own (server) state, and
+  an all-gather returns every chunk to everyone — per-rank traffic ``~2 (N-1)/N`` compressed
+  sizes, independent of ``N`` (1-bit Adam's and torchft's scheme);
+* ``"gather"``: each tensor is compressed whole and the payloads are all-gathered (top-k's
   sparse values + indices, EControl);
 * ``"linear"``: the payloads themselves can be summed (random projection with shared directions),
   so they are all-reduced.
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Compressor", "Payload", "check_block", "check_input", "stable_seed"]
+from lightning_fedopt._validate import check_float, check_int
+
+__all__ = ["Compressor", "Payload", "check_block", "check_input", "check_unit", "stable_seed"]
 
 
 @dataclass
@@ -76,15 +81,22 @@ def stable_seed(*parts: Any) -> int:
 
 def check_block(block: Any, name: str = "block", low: int = 8, high: int = 16384) -> int:
     """``block`` if it is a power of two in ``[low, high]``, else ``ValueError`` naming it."""
-    if (
-        isinstance(block, bool)
-        or not isinstance(block, int)
-        or block < low
-        or block > high
-        or block & (block - 1)
-    ):
-        raise ValueError(f"`{name}` must be a power of two in [{low}, {high}], got {block!r}")
-    return block
+    msg = f"`{name}` must be a power of two in [{low}, {high}], got {block!r}"
+    try:
+        value = check_int(name, block, low=low, high=high)
+    except ValueError:
+        raise ValueError(msg) from None
+    if value & (value - 1):
+        raise ValueError(msg)
+    return value
+
+
+def check_unit(name: str, value: Any) -> float:
+    """``value`` as a float in (0, 1] (a density, a ratio), else ``ValueError`` naming ``name``."""
+    try:
+        return check_float(name, value, low=0.0, high=1.0, low_open=True)
+    except ValueError:
+        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}") from None
 
 
 def check_input(tensor: Any, who: str, check_finite: bool = True) -> Tensor:
@@ -123,13 +135,8 @@ class Compressor:
     """
 
     name: ClassVar[str] = "compressor"
-    #: how :meth:`~lightning_fedopt.comm.Communicator.all_reduce_compressed` moves it (module doc)
+    #: the scheme of :mod:`lightning_fedopt.compression.collective` that moves it (module doc)
     collective: ClassVar[str] = "chunked"
-    #: chunk sizes in the chunked collective are multiples of this (e.g. the quantization block)
-    chunk_multiple: int = 1
-    #: every block of values is compressed on its own (casts, blockwise quantization): parts that
-    #: are multiples of ``chunk_multiple`` can be compressed together (:meth:`compress_group`)
-    block_local: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._state: dict[str, dict[str, Any]] = {}
@@ -157,36 +164,106 @@ class Compressor:
         tensors, meta = self._compress(x, key, salt)
         return Payload(tuple(tensors), tensor.numel(), tensor.shape, tensor.dtype, meta)
 
-    def compress_group(self, parts: list[Tensor], keys: list[str], *, salt: int = 0) -> Payload:
-        """Compress the concatenation of ``parts`` in one pass, each part with the state of its key.
+    def compress_packed(
+        self,
+        x: Tensor,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        *,
+        offset: int = 0,
+        parts: int = 1,
+        tag: str = "packed",
+        salt: int = 0,
+    ) -> list[Payload]:
+        """Compress a slice of a packed buffer as ``parts`` equal chunks, with per-tensor state.
 
-        Only for compressors with :attr:`block_local` (no block straddles two parts when each part
-        is a multiple of :attr:`chunk_multiple` values), where the result equals compressing the
-        parts one by one (stochastic rounding draws other random numbers). The payload stands for
-        the flat concatenation. Used by the compressed all-reduce; inputs are not validated.
+        The packed buffer holds the tensors ``keys`` (``sizes[i]`` values each) one after the
+        other; ``x`` (flat) is its values ``[offset, offset + x.numel())`` (positions past the
+        last tensor are padding). Elementwise state (error-feedback buffers: every state tensor
+        shaped like the input) stays per key, as full-size buffers of each key, so it does not
+        depend on how tensors are packed or chunked (DDP rebuilding its buckets, another world
+        size): for chunk ``j`` the slices of the keys' buffers are assembled, the chunk is
+        compressed with them under the temporary key ``f"{keys[0]}#{tag}{j}"`` (which seeds
+        stochastic choices together with ``salt`` and the call count), and the buffers are
+        written back. The call count is the first key's and is stored on every key touched.
+
+        Used by the chunked compressed all-reduce; inputs are not validated.
+
+        Returns:
+            one payload per chunk (each standing for ``x.numel() // parts`` fp32 values).
         """
-        if not self.block_local:
-            raise NotImplementedError(f"{type(self).__name__} cannot compress parts together")
-        x = torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
-        group = "group:" + keys[0]
-        calls = int(self._state.get(keys[0], {}).get("calls", 0))
-        st: dict[str, Any] = {"calls": calls}
-        bufs = []
-        if getattr(self, "error_feedback", False):
-            bufs = [self._buffer(k, "error", p.reshape(-1)) for k, p in zip(keys, parts)]
-            st["error"] = torch.cat(bufs)
-        self._state[group] = st
+        x = x.detach().reshape(-1).to(torch.float32)
+        total = x.numel()
+        chunk = total // parts
+        starts, pos = [], 0
+        for n in sizes:
+            starts.append(pos)
+            pos += n
+        # (key index, start in x, start in the key, length) of every key overlapping x
+        spans = []
+        for i, (s0, n) in enumerate(zip(starts, sizes)):
+            lo, hi = max(s0, offset), min(s0 + n, offset + total)
+            if lo < hi:
+                spans.append((i, lo - offset, lo - s0, hi - lo))
+        if not spans:  # padding only: no state to carry
+            return [
+                self._compress_temp(x[j * chunk : (j + 1) * chunk], {}, f"pad#{tag}{j}", salt)[0]
+                for j in range(parts)
+            ]
+        first = self._state.get(keys[spans[0][0]], {})
+        calls = first.get("calls", 0)
+        flat: dict[str, Tensor] = {}
+        for i, at, k0, n in spans:
+            for name, v in self._state.get(keys[i], {}).items():
+                if isinstance(v, Tensor) and v.numel() == sizes[i]:
+                    buf = flat.setdefault(name, torch.zeros(total, dtype=torch.float32, device=x.device))
+                    buf[at : at + n] = v.reshape(-1)[k0 : k0 + n].to(buf.device)
+        out = []
+        for j in range(parts):
+            st: dict[str, Any] = {
+                "calls": calls,
+                **{k: v[j * chunk : (j + 1) * chunk] for k, v in flat.items()},
+            }
+            payload, st = self._compress_temp(
+                x[j * chunk : (j + 1) * chunk], st, f"{keys[spans[0][0]]}#{tag}{j}", salt
+            )
+            out.append(payload)
+            calls = st.get("calls", calls)
+            for name, v in st.items():
+                if isinstance(v, Tensor) and v.numel() == chunk:
+                    buf = flat.setdefault(name, torch.zeros(total, dtype=torch.float32, device=x.device))
+                    piece = buf[j * chunk : (j + 1) * chunk]
+                    if v.data_ptr() != piece.data_ptr():
+                        piece.copy_(v.reshape(-1))
+        for i, at, k0, n in spans:
+            if not flat and not calls and "calls" not in self._state.get(keys[i], {}):
+                continue  # stateless (no feedback, no counter): keep no entry
+            st = self._state.setdefault(keys[i], {})
+            for name, buf in flat.items():
+                own = st.get(name)
+                if own is None or own.numel() != sizes[i]:
+                    own = torch.zeros(sizes[i], dtype=torch.float32, device=x.device)
+                elif own.device != x.device:  # e.g. loaded from a checkpoint on CPU
+                    own = own.to(x.device)
+                st[name] = own
+                own.reshape(-1)[k0 : k0 + n] = buf[at : at + n]
+            if calls or "calls" in st:
+                st["calls"] = calls
+        return out
+
+    def _compress_temp(
+        self, x: Tensor, state: dict[str, Any], key: str, salt: int
+    ) -> tuple[Payload, dict[str, Any]]:
+        """Compress flat fp32 ``x`` with ``state`` standing in for the state of ``key``."""
+        saved = self._state.get(key)
+        self._state[key] = state
         try:
-            tensors, meta = self._compress(x, group, salt)
+            tensors, meta = self._compress(x, key, salt)
         finally:
-            st = self._state.pop(group)
-        if bufs:
-            for buf, new in zip(bufs, torch.split(st["error"], [b.numel() for b in bufs])):
-                buf.copy_(new)
-        if st["calls"] != calls:  # the compressor counted this call (e.g. stochastic rounding)
-            for k in keys:
-                self._state.setdefault(k, {})["calls"] = st["calls"]
-        return Payload(tuple(tensors), x.numel(), torch.Size([x.numel()]), torch.float32, meta)
+            state = self._state.pop(key)
+            if saved is not None:
+                self._state[key] = saved
+        return Payload(tuple(tensors), x.numel(), torch.Size([x.numel()]), torch.float32, meta), state
 
     def decompress(self, payload: Payload) -> Tensor:
         """The tensor a payload stands for (original shape and dtype)."""

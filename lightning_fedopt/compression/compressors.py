@@ -1,36 +1,50 @@
-"""The compressors: casts, blockwise int8/int4, 1-bit sign, top-k (DGC), EControl, random projection.
+"""The compressors: casts, blockwise int8/int4, 1-bit sign, EControl, random projection (top-k: :mod:`.topk`).
 
-Formulas and references: ``ALGORITHMS.md`` (Compression). All of them compress a flat fp32 copy
+Formulas and references: ``docs/algorithms.md`` (Compression). All of them compress a flat fp32 copy
 of the input and decompress to the input's shape and dtype.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_choice, check_float
 from lightning_fedopt.compression import kernels
-from lightning_fedopt.compression.base import Compressor, Payload, check_block, stable_seed
+from lightning_fedopt.compression.base import Compressor, Payload, check_block, check_unit, stable_seed
+from lightning_fedopt.compression.topk import TopK
 
-__all__ = ["BF16", "FP16", "ErrorControl", "Int4", "Int8", "RandomProjection", "Sign", "TopK"]
+__all__ = [
+    "BF16",
+    "COMPRESSORS",
+    "FP16",
+    "ErrorControl",
+    "Int4",
+    "Int8",
+    "RandomProjection",
+    "Sign",
+    "TopK",
+    "get_compressor",
+]
 
 
 # ====================================================================== casts
 class _Cast(Compressor):
     _dtype: torch.dtype = torch.float16
-    block_local = True
 
     def __init__(self, error_feedback: bool = False) -> None:
         super().__init__()
         self.error_feedback = bool(error_feedback)
 
+    @override
     def _repr_args(self) -> dict[str, Any]:
         return {"error_feedback": self.error_feedback}
 
+    @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
         if self.error_feedback:
             e = self._buffer(key, "error", x)
@@ -42,12 +56,14 @@ class _Cast(Compressor):
             e.copy_(x - y.float())
         return [y], None
 
+    @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
         acc = torch.zeros(payloads[0].numel, dtype=torch.float32, device=payloads[0].tensors[0].device)
         for p in payloads:
             acc += p.tensors[0].float()
         return acc
 
+    @override
     def compressed_nbytes(self, numel: int) -> int:
         return 2 * numel
 
@@ -83,23 +99,21 @@ _ROUNDING = ("nearest", "stochastic")
 
 class _Blockwise(Compressor):
     bits: int = 8
-    block_local = True
 
     def __init__(
         self, block: int = 256, rounding: str = "nearest", error_feedback: bool = False, seed: int = 0
     ) -> None:
         super().__init__()
         self.block = check_block(block)
-        if rounding not in _ROUNDING:
-            raise ValueError(f"`rounding` must be one of {_ROUNDING}, got {rounding!r}")
-        self.rounding = rounding
+        self.rounding = check_choice("rounding", rounding, _ROUNDING)
         self.error_feedback = bool(error_feedback)
         self.seed = int(seed)
-        self.chunk_multiple = self.block
 
+    @override
     def _repr_args(self) -> dict[str, Any]:
         return {"block": self.block, "rounding": self.rounding, "error_feedback": self.error_feedback}
 
+    @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
         err = self._buffer(key, "error", x) if self.error_feedback else None
         stochastic = self.rounding == "stochastic"
@@ -109,12 +123,14 @@ class _Blockwise(Compressor):
         )
         return [codes, scales], None
 
+    @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
         n = payloads[0].numel
         codes = torch.stack([p.tensors[0] for p in payloads])
         scales = torch.stack([p.tensors[1] for p in payloads])
         return kernels.dequantize_accumulate(codes, scales, n, self.bits, self.block)
 
+    @override
     def compressed_nbytes(self, numel: int) -> int:
         code_bytes = numel if self.bits == 8 else -(-numel // 2)
         return code_bytes + 4 * -(-numel // self.block)
@@ -185,11 +201,12 @@ class Sign(Compressor):
     def __init__(self, error_feedback: bool = True) -> None:
         super().__init__()
         self.error_feedback = bool(error_feedback)
-        self.chunk_multiple = 8
 
+    @override
     def _repr_args(self) -> dict[str, Any]:
         return {"error_feedback": self.error_feedback}
 
+    @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
         if self.error_feedback:
             e = self._buffer(key, "error", x)
@@ -199,158 +216,15 @@ class Sign(Compressor):
         bits = kernels.sign_pack(x, scale, e if self.error_feedback else None)
         return [bits, scale], None
 
+    @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
         bits = torch.stack([p.tensors[0] for p in payloads])
         scales = torch.cat([p.tensors[1] for p in payloads])
         return kernels.sign_unpack_accumulate(bits, scales, payloads[0].numel)
 
+    @override
     def compressed_nbytes(self, numel: int) -> int:
         return -(-numel // 8) + 4
-
-
-# ====================================================================== top-k / DGC
-class TopK(Compressor):
-    """Top-k sparsification with Deep Gradient Compression's machinery (Lin et al., arXiv 1712.01887).
-
-    Per key: optional local gradient clipping (``||g|| <= clip_norm``), momentum correction
-    ``u <- m u + g; v <- v + u`` (``momentum=0``: plain error accumulation ``v <- v + g``), a
-    threshold from the top-k of a strided random sample of ``|v|`` (``sample_fraction`` of the
-    entries; lowered x0.8 up to 10 times while fewer than k entries pass, exact top-k among the
-    candidates when more pass), then momentum factor masking ``v[idx] = u[idx] = 0``. Exactly
-    ``k = ceil(density * n)`` values and int32 indices travel, so every replica's payload has the
-    same size. A warm-up schedule lowers the density stage by stage (``warmup_densities``, each for
-    ``warmup_steps`` calls of that key). With momentum correction the optimizer itself should run
-    without momentum (DGC's recipe).
-
-    Args:
-        density: fraction of values sent, in (0, 1].
-        momentum: DGC's momentum ``m`` in [0, 1).
-        clip_norm: local gradient clipping norm (> 0) or None.
-        sample_fraction: fraction of entries sampled for the threshold, in (0, 1].
-        warmup_densities: densities of the warm-up stages (each in (0, 1]), e.g.
-            ``(0.25, 0.063, 0.015, 0.004)``.
-        warmup_steps: calls per warm-up stage (>= 1).
-        error_feedback: accumulate what was not sent (DGC: True); False is plain top-k.
-        seed: base seed of the sample positions.
-
-    Example:
-        >>> c = TopK(density=0.25, error_feedback=False)
-        >>> p = c.compress(torch.tensor([0.1, -3.0, 0.2, 2.0, 0.0, 0.3, -0.4, 0.5]))
-        >>> p.tensors[1].tolist(), c.decompress(p).tolist()
-        ([1, 3], [0.0, -3.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0])
-    """
-
-    name = "topk"
-    collective = "gather"
-
-    def __init__(
-        self,
-        density: float = 0.001,
-        *,
-        momentum: float = 0.0,
-        clip_norm: float | None = None,
-        sample_fraction: float = 0.01,
-        warmup_densities: Sequence[float] = (),
-        warmup_steps: int = 1,
-        error_feedback: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if not _in_unit(density):
-            raise ValueError(f"`density` must be in (0, 1], got {density!r}")
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-            raise ValueError(f"`clip_norm` must be > 0 or None, got {clip_norm!r}")
-        if not _in_unit(sample_fraction):
-            raise ValueError(f"`sample_fraction` must be in (0, 1], got {sample_fraction!r}")
-        if any(not _in_unit(d) for d in warmup_densities):
-            raise ValueError(f"`warmup_densities` must each be in (0, 1], got {list(warmup_densities)!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` must be an integer >= 1, got {warmup_steps!r}")
-        self.density = float(density)
-        self.momentum = float(momentum)
-        self.clip_norm = clip_norm
-        self.sample_fraction = float(sample_fraction)
-        self.warmup_densities = tuple(float(d) for d in warmup_densities)
-        self.warmup_steps = warmup_steps
-        self.error_feedback = bool(error_feedback)
-        self.seed = int(seed)
-
-    def _repr_args(self) -> dict[str, Any]:
-        return {"density": self.density, "momentum": self.momentum, "error_feedback": self.error_feedback}
-
-    def density_at(self, call: int) -> float:
-        """Density of the ``call``-th compression of a key (warm-up stages, then ``density``)."""
-        stage = call // self.warmup_steps
-        return self.warmup_densities[stage] if stage < len(self.warmup_densities) else self.density
-
-    def k_for(self, numel: int, call: int = 1 << 62) -> int:
-        return max(1, math.ceil(self.density_at(call) * numel))
-
-    def _select(self, v: Tensor, k: int, seed: int) -> Tensor:
-        n = v.numel()
-        a = v.abs()
-        n_s = int(n * self.sample_fraction)
-        if k >= n:
-            return torch.arange(n, device=v.device)
-        if n_s < 16 or k * 4 >= n:  # too small to sample: exact top-k
-            return torch.topk(a, k, sorted=False).indices.sort().values
-        gen = torch.Generator().manual_seed(seed)
-        stride = n // n_s
-        start = int(torch.randint(stride, (1,), generator=gen))
-        sample = a[start::stride][:n_s]
-        k_s = max(1, math.ceil(k / n * n_s))
-        thr = float(torch.topk(sample, k_s, sorted=False).values.min())
-        idx = None
-        for _ in range(10):
-            idx, vals = kernels.compact_above(v, thr)
-            if idx.numel() >= k:
-                break
-            thr *= 0.8
-        if idx is None or idx.numel() < k:
-            return torch.topk(a, k, sorted=False).indices.sort().values
-        if idx.numel() > k:  # DGC: exact top-k among the candidates (also when <= 1.3k: k is fixed)
-            idx = idx[torch.topk(vals.abs(), k, sorted=False).indices].sort().values
-        return idx
-
-    def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
-        call = self._count(key)
-        k = self.k_for(x.numel(), call)
-        if self.clip_norm is not None:
-            norm = float(torch.linalg.vector_norm(x))
-            if norm > self.clip_norm:
-                x = x * (self.clip_norm / norm)
-        if self.error_feedback:
-            v = self._buffer(key, "v", x)
-            if self.momentum > 0:
-                u = self._buffer(key, "u", x)
-                u.mul_(self.momentum).add_(x)
-                v.add_(u)
-            else:
-                v.add_(x)
-        else:
-            v = x
-        idx = self._select(v, k, stable_seed(self.seed, key, salt, call))
-        values = v[idx].clone()
-        if self.error_feedback:
-            v[idx] = 0.0
-            if self.momentum > 0:
-                self._state[key]["u"][idx] = 0.0
-        return [values, idx.to(torch.int32)], None
-
-    def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
-        acc = torch.zeros(payloads[0].numel, dtype=torch.float32, device=payloads[0].tensors[0].device)
-        for p in payloads:
-            acc.index_add_(0, p.tensors[1].long(), p.tensors[0].float())
-        return acc
-
-    def compressed_nbytes(self, numel: int) -> int:
-        return 8 * self.k_for(numel)
-
-
-def _in_unit(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 < x <= 1.0
 
 
 # ====================================================================== EControl
@@ -381,21 +255,19 @@ class ErrorControl(Compressor):
 
     def __init__(self, compressor: Compressor | str = "topk", eta: float = 0.2) -> None:
         super().__init__()
-        from lightning_fedopt.compression import get_compressor
-
         inner = get_compressor(compressor)
         if inner is None or isinstance(inner, ErrorControl):
             raise ValueError(f"`compressor` must be a (non-EControl) compressor, got {compressor!r}")
         if hasattr(inner, "error_feedback"):
             inner.error_feedback = False
-        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
-            raise ValueError(f"`eta` must be in [0, 1], got {eta!r}")
+        self.eta = check_float("eta", eta, low=0.0, high=1.0)
         self.inner = inner
-        self.eta = float(eta)
 
+    @override
     def _repr_args(self) -> dict[str, Any]:
         return {"compressor": self.inner, "eta": self.eta}
 
+    @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], dict[str, Any] | None]:
         e = self._buffer(key, "e", x)
         h = self._buffer(key, "h", x)
@@ -405,20 +277,25 @@ class ErrorControl(Compressor):
         h.add_(delta)
         return list(p.tensors), p.meta
 
+    @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
         return self.inner.decompress_sum(payloads)
 
+    @override
     def aggregate(self, key: str, mean: Tensor) -> Tensor:
         hg = self._buffer(key, "H", mean)
         hg.add_(mean.reshape(-1).float())
         return hg.clone().view(mean.shape)
 
+    @override
     def compressed_nbytes(self, numel: int) -> int:
         return self.inner.compressed_nbytes(numel)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"self": super().state_dict(), "inner": self.inner.state_dict()}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state["self"])
         self.inner.load_state_dict(state["inner"])
@@ -451,11 +328,10 @@ class RandomProjection(Compressor):
 
     def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
         super().__init__()
-        if not _in_unit(ratio):
-            raise ValueError(f"`ratio` must be in (0, 1], got {ratio!r}")
-        self.ratio = float(ratio)
+        self.ratio = check_unit("ratio", ratio)
         self.seed = int(seed)
 
+    @override
     def _repr_args(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "seed": self.seed}
 
@@ -471,6 +347,7 @@ class RandomProjection(Compressor):
             p = torch.randn(r1 - r0, n, generator=gen) / math.sqrt(k)
             yield r0, r1, p.to(device)
 
+    @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], dict[str, Any]]:
         seed = stable_seed(self.seed, key, self._count(key))
         y = torch.empty(self._k(x.numel()), dtype=torch.float32, device=x.device)
@@ -478,6 +355,7 @@ class RandomProjection(Compressor):
             y[r0:r1] = p @ x
         return [y], {"seed": seed}
 
+    @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:
         n = payloads[0].numel
         acc = torch.zeros(n, dtype=torch.float32, device=payloads[0].tensors[0].device)
@@ -487,5 +365,30 @@ class RandomProjection(Compressor):
                 acc += p.T @ pl.tensors[0][r0:r1].float()
         return acc
 
+    @override
     def compressed_nbytes(self, numel: int) -> int:
         return 4 * self._k(numel)
+
+
+# ====================================================================== by name
+#: lowercase class name -> class, what :func:`get_compressor` accepts
+COMPRESSORS: dict[str, type[Compressor]] = {
+    c.name: c for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection)
+}
+
+
+def get_compressor(spec: Any) -> Compressor | None:
+    """A compressor from ``spec``: None, a :class:`Compressor` (returned as is) or a lowercase
+    class name (a new instance with default arguments).
+
+    Raises:
+        ValueError: for an unknown name or any other kind of value (the message lists the names).
+    """
+    if spec is None or isinstance(spec, Compressor):
+        return spec
+    if isinstance(spec, str) and spec in COMPRESSORS:
+        return COMPRESSORS[spec]()
+    raise ValueError(
+        f"`compressor` must be None, a lightning_fedopt.compression.Compressor or one of "
+        f"{sorted(COMPRESSORS)}, got {spec!r}"
+    )

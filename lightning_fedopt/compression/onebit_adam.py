@@ -15,8 +15,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from typing_extensions import override
 
+from lightning_fedopt._validate import check_float, check_int
 from lightning_fedopt.compression.base import Compressor
+from lightning_fedopt.compression.collective import all_reduce_compressed
+from lightning_fedopt.compression.compressors import get_compressor
 
 __all__ = ["OneBitAdam"]
 
@@ -58,18 +62,16 @@ class OneBitAdam(torch.optim.Optimizer):
         warmup_steps: int = 100,
         compressor: Compressor | str | None = "sign",
     ) -> None:
-        from lightning_fedopt.compression import get_compressor
-
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"`lr` must be > 0, got {lr!r}")
-        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+        check_float("lr", lr, low=0.0, low_open=True)
+        try:
+            betas = tuple(check_float("betas", b, low=0.0, high=1.0, high_open=True) for b in betas)
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2:
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"`eps` must be > 0, got {eps!r}")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` must be an integer >= 1, got {warmup_steps!r}")
+        check_float("eps", eps, low=0.0, low_open=True)
+        check_float("weight_decay", weight_decay, low=0.0)
+        warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.warmup_steps = warmup_steps
         self.compressor = get_compressor(compressor)
@@ -90,6 +92,7 @@ class OneBitAdam(torch.optim.Optimizer):
         """Use ``comm`` (a :class:`~lightning_fedopt.comm.Communicator`) to average the momentum."""
         self.comm = comm
 
+    @override
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
@@ -115,7 +118,7 @@ class OneBitAdam(torch.optim.Optimizer):
                 momenta.append(st["exp_avg"])
                 names.append(f"g{gi}.p{pi}")
         if frozen and self.comm is not None and self.compressor is not None and momenta:
-            self.comm.all_reduce_compressed(momenta, self.compressor, names=names, purpose="sync")
+            all_reduce_compressed(self.comm, momenta, self.compressor, names=names, purpose="sync")
         t = self.steps_done + 1
         for p, group in params:
             st = self.state[p]
@@ -132,6 +135,7 @@ class OneBitAdam(torch.optim.Optimizer):
         self.steps_done += 1
         return loss
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["onebit"] = {
@@ -140,6 +144,7 @@ class OneBitAdam(torch.optim.Optimizer):
         }
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("onebit", None)

@@ -166,11 +166,10 @@ def masked_sum(
     counters += [float(x) if valid else 0.0 for x in extra]
     scalars = torch.tensor(counters, dtype=counters_dtype or scalar_dtype(contrib), device=dev)
     if compressor is not None:
+        from lightning_fedopt.compression.collective import all_reduce_compressed
+
         comm.all_reduce([scalars], "sum", purpose=purpose)
-        comm.all_reduce_compressed(contrib, compressor, names=names, purpose=purpose)
-        with torch.no_grad():
-            for c in contrib:
-                c.mul_(comm.world_size)  # the collective delivers the mean over every rank
+        all_reduce_compressed(comm, contrib, compressor, names=names, purpose=purpose, op="sum")
         return PendingSum(contrib, scalars, None, len(extra))
     handle = comm.all_reduce([*contrib, scalars], "sum", purpose=purpose, async_op=async_op)
     return PendingSum(contrib, scalars, handle if async_op else None, len(extra))
