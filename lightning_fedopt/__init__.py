@@ -23,6 +23,7 @@ from lightning_fedopt.strategies import (
     ReplicaStrategy,
     StreamingDiLoCoStrategy,
 )
+from lightning_fedopt.strategies._registry import register_name
 from lightning_fedopt.topology import Topology
 
 __version__ = "0.1.0"
@@ -69,15 +70,7 @@ def _register() -> None:
         GossipStrategy,
     ):
         cls.register_strategies(StrategyRegistry)
-    for suffix, method in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
-        name = "fedavg" + suffix
-        if name not in StrategyRegistry:
-            StrategyRegistry.register(
-                name,
-                LocalSGDStrategy,
-                description=f"FedAvg (LocalSGDStrategy), start_method={method!r}",
-                start_method=method,
-            )
+    register_name(StrategyRegistry, "fedavg", LocalSGDStrategy, description="FedAvg (LocalSGDStrategy)")
 
 
 _register()

@@ -6,11 +6,11 @@ import atexit
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.types import ReduceOp
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_fedopt.comm import CommStats, Communicator
+from lightning_fedopt.comm import CommStats, Communicator, destroy_process_group, process_group_initialized
 
 __all__ = ["CountedCollectives"]
 
@@ -31,10 +31,10 @@ def _destroy_group_at_exit() -> None:
     used again (``fit`` then ``validate``), so the strategy does it once, at exit, if every entry
     point ended normally; after an exception it stays as torch leaves it.
     """
-    if _EXIT_STATE["interrupted"] or not (dist.is_available() and dist.is_initialized()):
+    if _EXIT_STATE["interrupted"] or not process_group_initialized():
         return
     try:
-        dist.destroy_process_group()
+        destroy_process_group()
     except Exception:  # exit must not fail because the group was already half torn down
         pass
 
@@ -58,16 +58,19 @@ class CountedCollectives:
         """Bytes sent/received, rounds and seconds of this rank's traffic (see :mod:`~lightning_fedopt.comm`)."""
         return self.comm.stats
 
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()  # type: ignore[misc]
         self.comm = Communicator(stats=self.comm.stats)
-        if dist.is_available() and dist.is_initialized():
+        if self.comm.available:
             _register_exit_cleanup()
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         _EXIT_STATE["interrupted"] = True
         super().on_exception(exception)  # type: ignore[misc]
 
+    @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Any:
         """Reduce a metric across ranks (``sync_dist=True``), counted under purpose ``"metrics"``."""
         parent = super().reduce  # type: ignore[misc]
@@ -85,8 +88,12 @@ class CountedCollectives:
         self.comm.all_reduce([out], op, purpose="metrics")
         return out
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Broadcast a picklable object from ``src`` (Lightning's control messages), counted as ``"control"``."""
         return self.comm.broadcast_object(obj, src=src, purpose="control")
 
+    @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """Wait for every rank, counted as ``"control"``."""
         self.comm.barrier(purpose="control", device_ids=self.determine_ddp_device_ids())  # type: ignore[attr-defined]

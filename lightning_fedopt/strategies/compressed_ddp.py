@@ -2,7 +2,7 @@
 
 :class:`CompressedDDPStrategy` is :class:`~lightning_fedopt.strategies.MeteredDDPStrategy`
 (Lightning's DDP with counted traffic) whose DDP communication hook averages each gradient bucket
-through :meth:`~lightning_fedopt.comm.Communicator.all_reduce_compressed`, so it works on gloo
+through :func:`~lightning_fedopt.compression.collective.all_reduce_compressed`, so it works on gloo
 (CPU) as well as NCCL. Presets: ``"compressed_ddp"`` (int8), ``"dgc"`` (Deep Gradient
 Compression: top-k at 0.1% with momentum correction and the warm-up density schedule, Lin et al.,
 arXiv 1712.01887; the module's optimizer should be SGD without momentum, and local gradient clipping
@@ -21,12 +21,14 @@ the checkpoint, in ``<checkpoint>.replicas/rank<r>.pt``, and reads it back on re
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from torch.distributed import GradBucket
+from typing_extensions import override
 
+from lightning_fedopt.comm import GradBucket
 from lightning_fedopt.compression import Compressor, OneBitAdam, Sign, TopK, get_compressor
+from lightning_fedopt.compression.collective import all_reduce_compressed
+from lightning_fedopt.strategies._registry import register_name
+from lightning_fedopt.strategies._shards import load_shard, log, remove_with_shard, save_shard, shard_exists
 from lightning_fedopt.strategies.ddp import MeteredDDPStrategy
-from lightning_fedopt.strategies.replica import log, replica_shard_path
 
 __all__ = ["CompressedDDPStrategy", "compressed_allreduce_hook"]
 
@@ -54,22 +56,26 @@ def compressed_allreduce_hook(
         return fut
     if strategy.onebit_phase() == "warmup":
         return comm.all_reduce_future(buf, op="mean", purpose="sync")
-    # one compressed tensor per parameter, keyed by its name: error-feedback state must not depend
-    # on DDP's bucket layout, which DDP rebuilds after the first step (and again after a resume)
+    # The collective packs the bucket's gradients into one buffer. DDP rebuilds its buckets after
+    # the first step (and again after a resume) in another order: packing them sorted by parameter
+    # name, with the compressor state keyed by name, keeps the result and the state independent of
+    # that layout (a resumed run equals an uninterrupted one)
     grads = [g.detach().clone() for g in bucket.gradients()]
     params = bucket.parameters()
+    names = [strategy.param_name(p) for p in params]
     # DGC sends tensors with dim <= 1 (biases, norms) dense: they are tiny and sparsifying them hurts
     dense = [isinstance(strategy.compressor, TopK) and p.dim() <= 1 for p in params]
-    sparse_i = [i for i, d in enumerate(dense) if not d]
+    sparse_i = sorted((i for i, d in enumerate(dense) if not d), key=lambda i: names[i])
     dense_i = [i for i, d in enumerate(dense) if d]
     valid = all(bool(torch.isfinite(g).all()) for g in grads)
     if not valid and sparse_i and dense_i:  # NaN only in a dense tensor: leave the whole replica out
         grads[sparse_i[0]].fill_(float("nan"))
     if sparse_i:
-        comm.all_reduce_compressed(
+        all_reduce_compressed(
+            comm,
             [grads[i] for i in sparse_i],
             strategy.compressor,
-            names=[strategy.param_name(params[i]) for i in sparse_i],
+            names=[names[i] for i in sparse_i],
             purpose="sync",
         )
         excluded = comm.last_compressed.get("excluded_nonfinite", 0)
@@ -193,6 +199,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         self.model.register_comm_hook(self, compressed_allreduce_hook)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ per-rank checkpoint state
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
@@ -201,18 +208,21 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
                 "compressor": self.compressor.state_dict(),
                 "onebit_state": [o.state_dict() for o in self._onebit_optimizers()],
             }
-            self.checkpoint_io.save_checkpoint(shard, replica_shard_path(filepath, self.global_rank))
+            save_shard(self.checkpoint_io, shard, filepath, self.global_rank)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        path = replica_shard_path(checkpoint_path, self.global_rank)
         self._resume_shard = None
-        if get_filesystem(path).exists(path):
-            self._resume_shard = self.checkpoint_io.load_checkpoint(path, weights_only=False)
+        if shard_exists(checkpoint_path, self.global_rank):
+            self._resume_shard = load_shard(
+                self.checkpoint_io, checkpoint_path, self.global_rank, weights_only=False
+            )
             self.compressor.load_state_dict(self._resume_shard["compressor"])
         return checkpoint
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         super().load_optimizer_state_dict(checkpoint)
         shard = self._resume_shard
@@ -221,23 +231,15 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
                 o.load_state_dict(st)
         self._resume_shard = None
 
+    @override
     def remove_checkpoint(self, filepath: Any) -> None:
-        super().remove_checkpoint(filepath)
-        shard = replica_shard_path(filepath, self.global_rank)
-        fs = get_filesystem(shard)
-        if fs.exists(shard):
-            self.checkpoint_io.remove_checkpoint(shard)
+        remove_with_shard(self.checkpoint_io, filepath, self.global_rank, super().remove_checkpoint)
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register the presets' names (``compressed_ddp``, ``dgc``, ``onebit``), each with ``_spawn``/``_fork``."""
         for preset in _PRESETS:
-            for suffix, method in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
-                name = preset + suffix
-                if name not in strategy_registry:
-                    strategy_registry.register(
-                        name,
-                        cls,
-                        description=f"{cls.__name__} preset {preset!r}, start_method={method!r}",
-                        start_method=method,
-                        preset=preset,
-                    )
+            register_name(
+                strategy_registry, preset, cls, description=f"{cls.__name__} preset {preset!r}", preset=preset
+            )

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from torch.distributed import GradBucket
+from typing_extensions import override
 
-from lightning_fedopt.comm import Communicator, tensors_nbytes
+from lightning_fedopt.comm import Communicator, GradBucket, tensors_nbytes
 from lightning_fedopt.strategies._counted import CountedCollectives
+from lightning_fedopt.strategies._registry import register_name
 
 __all__ = ["MeteredDDPStrategy"]
 
@@ -54,13 +55,16 @@ class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
 
     @property
     def replica_step(self) -> int:
+        """Optimizer steps so far (every step is a synchronisation)."""
         return self._steps
 
+    @override
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().optimizer_step(*args, **kwargs)
         self._steps += 1
         return out
 
+    @override
     def configure_ddp(self) -> None:
         self.comm.stats.reset()
         self._steps = 0
@@ -71,14 +75,12 @@ class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
         nbytes = tensors_nbytes([*module.parameters(), *module.buffers()])
         self.comm.account("broadcast", nbytes, purpose="setup", is_source=self.global_rank == 0)
 
+    @override
     def _register_ddp_hooks(self) -> None:
         self.model.register_comm_hook(self.comm, counted_allreduce_hook)  # type: ignore[union-attr]
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
-        for suffix, method in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
-            name = cls.strategy_name + suffix
-            if name not in strategy_registry:
-                strategy_registry.register(
-                    name, cls, description=f"{cls.__name__} with start_method={method!r}", start_method=method
-                )
+        """Register ``ddp_metered``, ``ddp_metered_spawn`` and ``ddp_metered_fork``."""
+        register_name(strategy_registry, cls.strategy_name, cls, description=cls.__name__)
