@@ -115,7 +115,7 @@ def report_comparison(outdir: Path, name: str, devices: int, hidden: int) -> lis
     summary = read_summary(outdir / f"{name}_summary.csv")
     ddp = summary["ddp"]
     ddp_loss, ddp_bytes = float(ddp["final_val_loss"]), int(ddp["sync_bytes_sent"])
-    merge_bytes = cost_model("all_reduce", _payload_bytes(hidden) + 8, devices)[0]
+    merge_bytes = cost_model("all_reduce", _payload_bytes(hidden) + 12, devices)[0]  # + 3 float32 counters
     rows = []
     for strat, row in summary.items():
         sync = int(row["sync_bytes_sent"])

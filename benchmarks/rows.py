@@ -58,6 +58,21 @@ STRATEGIES: dict[str, Row] = {
         "DiLoCoStrategy(sync_every=64, fragments=4, sync_delay=8, mixing=0.5)",
         lf_row("DiLoCoStrategy", sync_every=64, fragments=4, sync_delay=8, mixing=0.5),
     ),
+    **{
+        f"streaming_diloco_f{f}{'_strided' if layout == 'strided' else ''}": (
+            f"DiLoCoStrategy(sync_every=64, fragments={f}, sync_delay=8, mixing=0.5, fragment_layout={layout!r})",
+            lf_row(
+                "DiLoCoStrategy",
+                sync_every=64,
+                fragments=f,
+                sync_delay=8,
+                mixing=0.5,
+                fragment_layout=layout,
+            ),
+        )
+        for f in (2, 3)
+        for layout in ("contiguous", "strided")
+    },
     "co2": (
         "CO2Strategy(sync_every=64, outer_lr=0.5, outer_momentum=0, clip=1): one-round-stale outer step",
         lf_row("CO2Strategy", sync_every=64, outer_lr=0.5, outer_momentum=0.0),
