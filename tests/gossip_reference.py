@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from helpers import make_batch, make_net
+from modules import make_batch, make_net
 from torch import nn
 
 

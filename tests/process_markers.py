@@ -39,7 +39,7 @@ TESTS = Path(__file__).resolve().parent
 #: names (called functions, modules, attributes) that start processes wherever they appear
 LAUNCHERS = frozenset(
     {
-        "fit_fork",  # helpers.fit_fork: a Trainer on n forked processes
+        "fit_fork",  # runners.fit_fork: a Trainer on n forked processes
         "start_processes",  # torch.multiprocessing.start_processes
         "subprocess",
         "Popen",
@@ -116,7 +116,7 @@ def _module(path: Path) -> _Module:
 
 
 def _local_module(name: str) -> _Module | None:
-    """A module of ``tests/`` by its import name (``helpers``, ``reference_outer``, ``test_monitor``)."""
+    """A module of ``tests/`` by its import name (``runners``, ``reference_outer``, ``test_monitor``)."""
     path = TESTS / f"{name}.py"
     return _module(path) if "." not in name and path.is_file() else None
 
@@ -150,7 +150,7 @@ def _reach(module: _Module, nodes: list[ast.AST]) -> Iterator[tuple[_Module, ast
             if isinstance(node, ast.Name):
                 follow(mod, node.id)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                other = _local_module(node.module)  # a function-local `from helpers import X`
+                other = _local_module(node.module)  # a function-local `from runners import X`
                 for alias in node.names if other is not None else ():
                     follow(other, alias.name)
 

@@ -1,8 +1,8 @@
 """Single-process references of the outer-optimizer algorithms (DiLoCo, streaming DiLoCo, CO2,
 NoLoCo), written from the papers' update rules independently of the package's code.
 
-Replica ``r`` takes its optimizer step ``s`` on :func:`helpers.make_batch` ``(r, s)``, exactly as
-:class:`helpers.KnownBatchModule` does under the strategies.
+Replica ``r`` takes its optimizer step ``s`` on :func:`modules.make_batch` ``(r, s)``, exactly as
+:class:`modules.KnownBatchModule` does under the strategies.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from helpers import make_batch, make_net
+from modules import make_batch, make_net
 from torch import nn
 
 
@@ -328,8 +328,8 @@ def run_and_resume(
     ``at``; resume from it to ``total`` (with ``resumed_callbacks`` as well). Returns (uninterrupted
     ranks, resumed ranks, checkpoint path)."""
     import lightning as L
-    from helpers import SaveFinal, fit_fork, load_ranks, trainer_kwargs
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from runners import SaveFinal, fit_fork, load_ranks, trainer_kwargs
 
     full = fit_fork(tmp_path / "full", module_factory(), strategy_factory(), n=n, max_steps=total)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1, filename="mid")

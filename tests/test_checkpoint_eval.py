@@ -7,18 +7,10 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import (
-    TIMEOUT,
-    KnownBatchModule,
-    SaveFinal,
-    assert_close_state,
-    fit_fork,
-    load_ranks,
-    make_batch,
-    reference_local_sgd,
-    trainer_kwargs,
-)
 from lightning.pytorch.callbacks import ModelCheckpoint
+from modules import KnownBatchModule, make_batch
+from references import reference_local_sgd
+from runners import TIMEOUT, SaveFinal, assert_close_state, fit_fork, load_ranks, trainer_kwargs
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies.replica import replica_shard_path

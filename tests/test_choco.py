@@ -7,14 +7,8 @@ import lightning as L
 import pytest
 import torch
 from gossip_reference import reference_choco, reference_gossip
-from helpers import (
-    TIMEOUT,
-    CountDistCalls,
-    KnownBatchModule,
-    assert_close_state,
-    fit_fork,
-    make_net,
-)
+from modules import KnownBatchModule, make_net
+from runners import TIMEOUT, CountDistCalls, assert_close_state, fit_fork
 from test_gossip import PAYLOAD, SaveHistory, ring_matrix
 
 import lightning_fedopt as lf

@@ -5,8 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import KnownBatchModule, assert_close_state, fit_fork
+from modules import KnownBatchModule
 from reference_outer import reference_co2, run_and_resume
+from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies.co2 import CO2OuterOptimizer

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from compressed_reference import chunk_len, simulate_all_reduce_compressed
-from helpers import TIMEOUT, KnownBatchModule, fit_fork
+from modules import KnownBatchModule
+from runners import TIMEOUT, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.comm import Communicator

@@ -6,19 +6,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import (
-    TIMEOUT,
-    KnownBatchModule,
-    SaveFinal,
-    assert_close_state,
-    fit_fork,
-    load_ranks,
-    make_batch,
-    make_net,
-    simulate_all_reduce_compressed,
-    trainer_kwargs,
-)
+from compressed_reference import simulate_all_reduce_compressed
 from lightning.pytorch.callbacks import ModelCheckpoint
+from modules import KnownBatchModule, make_batch, make_net
+from runners import TIMEOUT, SaveFinal, assert_close_state, fit_fork, load_ranks, trainer_kwargs
 from torch import nn
 
 import lightning_fedopt as lf
@@ -75,7 +66,7 @@ def test_local_sgd_int8_deltas_match_reference(tmp_path, n):
     for r in range(n):
         assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-6)
     # the quantization was real: exact Local SGD ends elsewhere
-    from helpers import reference_local_sgd
+    from references import reference_local_sgd
 
     exact = reference_local_sgd(n, 10, lf.Periodic(4))
     assert not torch.allclose(exact[0]["net.0.weight"], ref[0]["net.0.weight"], atol=1e-6)

@@ -9,8 +9,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import IndexRecorder, SaveSeen, fit_fork, load_seen, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
+from modules import IndexRecorder
+from runners import SaveSeen, fit_fork, load_seen, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import KnownBatchModule, assert_close_state, fit_fork
+from modules import KnownBatchModule
 from reference_outer import reference_diloco, run_and_resume
+from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies._fragments import layer_keys
@@ -214,7 +215,7 @@ def test_diloco_int8_pseudo_gradients_match_reference(tmp_path):
     """compressor="int8": the pseudo-gradients travel through the compressed all-reduce; every rank
     equals the reference whose mean is the single-process simulation of that all-reduce (bytes on a
     real model: benchmarks/compression.py; this 97-parameter net is smaller than the int8 blocks)."""
-    from helpers import simulate_all_reduce_compressed
+    from compressed_reference import simulate_all_reduce_compressed
 
     from lightning_fedopt.compression import get_compressor
 

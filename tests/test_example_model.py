@@ -5,7 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import trainer_kwargs
+from runners import trainer_kwargs
 
 from examples.digits import DigitsClassifier, DigitsDataModule
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from helpers import KnownBatchModule, assert_close_state, fit_fork
+from modules import KnownBatchModule
 from reference_outer import reference_fedspeed
+from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 

@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 from gossip_reference import reference_gossip
-from helpers import TIMEOUT, CountDistCalls, KnownBatchModule, assert_close_state, fit_fork, make_net
+from modules import KnownBatchModule, make_net
+from runners import TIMEOUT, CountDistCalls, assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.callbacks import CommunicationMonitor
@@ -209,7 +210,7 @@ class ShufflesHiddenUnits(KnownBatchModule):
     units after step 2 (the same function, different unit order), so plain averaging mixes unrelated units."""
 
     def train_dataloader(self):
-        from helpers import make_batch
+        from modules import make_batch
 
         return torch.utils.data.DataLoader(
             [make_batch(self.global_rank, s) for s in range(64)], batch_size=None
@@ -227,7 +228,7 @@ class ShufflesHiddenUnits(KnownBatchModule):
 
 
 def reference_dimat_gossip(w, steps, every, align_on):
-    from helpers import make_batch
+    from modules import make_batch
 
     from lightning_fedopt.dimat import align, permute_hidden_units
 

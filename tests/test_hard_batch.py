@@ -7,7 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import IndexRecorder, SaveSeen, fit_fork, load_seen, trainer_kwargs
+from modules import IndexRecorder
+from runners import SaveSeen, fit_fork, load_seen, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

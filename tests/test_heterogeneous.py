@@ -8,8 +8,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import KnownBatchModule, assert_close_state, fit_fork
+from modules import KnownBatchModule
 from reference_outer import default_outer, local_step, make_replicas, states
+from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 

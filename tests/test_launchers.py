@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import load_ranks
+from runners import load_ranks
 
 import lightning_fedopt as lf
 
@@ -44,7 +44,9 @@ def test_unmodified_module_with_registered_name(tmp_path):
 def test_spawn_start_method(tmp_path):
     """Spawned workers (fresh interpreters, so Python's str hashes differ between ranks) with Adam
     and optimizer-state averaging, against the single-process reference."""
-    from helpers import KnownBatchModule, SaveFinal, assert_close_state, reference_local_sgd
+    from modules import KnownBatchModule
+    from references import reference_local_sgd
+    from runners import SaveFinal, assert_close_state
 
     strategy = lf.LocalSGDStrategy(sync_every=4, average_optimizer_state=True, start_method="spawn")
     trainer = L.Trainer(
@@ -99,7 +101,7 @@ def test_evaluation_after_fit_in_the_same_processes(tmp_path):
     """After fit (final sync off, replicas differ) trainer.validate runs on the consensus and leaves
     each replica's weights alone; validating two checkpoints in turn evaluates each one. At exit
     the strategy has destroyed the gloo group on every rank (an alive one can abort the exit)."""
-    from helpers import make_batch
+    from modules import make_batch
 
     _run(["tests/scripts/eval_after_fit.py", str(tmp_path)])
     assert [(tmp_path / f"exit{r}.txt").read_text() for r in range(2)] == ["False", "False"]

@@ -7,16 +7,9 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import (
-    TIMEOUT,
-    CountDistCalls,
-    KnownBatchModule,
-    assert_close_state,
-    fit_fork,
-    make_batch,
-    make_net,
-    reference_local_sgd,
-)
+from modules import KnownBatchModule, make_batch, make_net
+from references import reference_local_sgd
+from runners import TIMEOUT, CountDistCalls, assert_close_state, fit_fork
 from torch.utils.data import DataLoader
 
 import lightning_fedopt as lf
@@ -195,7 +188,7 @@ class TwoOptimizers(L.LightningModule):
         self.a, self.b = make_net(1), make_net(2)
 
     def training_step(self, batch, batch_idx):
-        from helpers import make_batch
+        from modules import make_batch
 
         opt_a, opt_b = self.optimizers()
         x, y = make_batch(self.global_rank, batch_idx)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TIMEOUT, KnownBatchModule, assert_close_state, fit_fork, make_batch, make_net
+from modules import KnownBatchModule, make_batch, make_net
+from runners import TIMEOUT, assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge
@@ -120,7 +121,7 @@ def test_task_arithmetic_and_dare_rounds_average_on_real_processes(tmp_path, mer
     """Two ranks, H=4, 8 steps: task arithmetic (and DARE keeping every entry) of the replicas'
     deltas from the last round's result is their mean, so every rank ends as plain Local SGD does
     (before the fix each round added the two deltas up)."""
-    from helpers import reference_local_sgd
+    from references import reference_local_sgd
 
     ranks = fit_fork(
         tmp_path,

@@ -7,8 +7,10 @@ import csv
 import lightning as L
 import pytest
 import torch
-from helpers import TIMEOUT, KnownBatchModule, fit_fork, reference_local_sgd
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from modules import KnownBatchModule
+from references import reference_local_sgd
+from runners import TIMEOUT, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.callbacks import CommunicationMonitor

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CountDistCalls, KnownBatchModule, assert_close_state, fit_fork
+from modules import KnownBatchModule
 from reference_outer import reference_noloco
+from runners import CountDistCalls, assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies.noloco import pair_groups

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from helpers import KnownBatchModule, assert_close_state
+from modules import KnownBatchModule
 from reference_outer import run_and_resume
+from runners import assert_close_state
 
 import lightning_fedopt as lf
 

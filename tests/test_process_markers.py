@@ -71,7 +71,7 @@ import subprocess
 import lightning as L
 import pytest
 import torch.multiprocessing as mp
-from helpers import fit_fork, trainer_kwargs
+from runners import fit_fork, trainer_kwargs
 from reference_outer import run_and_resume
 
 
@@ -101,7 +101,7 @@ def test_through_another_helper_module(tmp_path):
     run_and_resume(tmp_path, None, None, total=4, at=2)
 
 def test_local_import():
-    from helpers import fit_fork as launch
+    from runners import fit_fork as launch
     launch()
 
 def test_start_processes():

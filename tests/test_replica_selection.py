@@ -8,7 +8,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import KnownBatchModule, assert_close_state, fit_fork, reference_local_sgd
+from modules import KnownBatchModule
+from references import reference_local_sgd
+from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.data import ReplicaSelection

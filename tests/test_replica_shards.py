@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import torch
-from helpers import TIMEOUT, KnownBatchModule, fit_fork
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from modules import KnownBatchModule
+from runners import TIMEOUT, fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.strategies._shards import (

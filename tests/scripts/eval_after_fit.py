@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import KnownBatchModule
+from modules import KnownBatchModule
 
 import lightning_fedopt as lf
 
