@@ -307,7 +307,7 @@ class RandomProjection(Compressor):
 
     ``y = P x`` with ``P`` a ``k x n`` Gaussian matrix with entries ``N(0, 1/k)`` regenerated from
     ``(seed, key, call)`` by every replica, so ``E[P^T P] = I`` and ``P^T y`` is an unbiased estimate
-    of ``x`` (Ferret, arXiv 2409.06277; "Just One Byte (per gradient)", arXiv 2308.10090). The
+    of ``x`` (Ferret, arXiv 2409.06277; "Just One Byte (per gradient)", Zelikman et al., arXiv 2306.10015). The
     directions depend on the call number of the key, not on the replica, so at a given round all
     replicas share them and the payloads can simply be all-reduced.
 
