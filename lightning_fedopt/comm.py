@@ -19,7 +19,7 @@ operation           sent                           received
 ``broadcast``       ``B`` on the source, else 0     ``B`` on every other rank
 ``send`` / ``recv`` ``B`` / 0                       0 / ``B``
 ``barrier``         0                               0
-objects             pickled size, as the tensor op it uses
+plain values        their JSON bytes and an 8-byte length, as the tensor ops they use
 ==================  =============================  =============================
 
 The compressed all-reduce (:func:`lightning_fedopt.compression.collective.all_reduce_compressed`)
@@ -39,7 +39,6 @@ Every call carries a ``purpose`` label (``"setup"``, ``"sync"``, ``"consensus"``
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -50,6 +49,7 @@ from torch import Tensor
 
 from lightning_fedopt._comm_stats import CommCounter, CommStats
 from lightning_fedopt._flat import flatten, group_by_dtype, unflatten_into
+from lightning_fedopt._plain import PlainValueError, decode_plain, encode_plain
 
 __all__ = [
     "CommCounter",
@@ -390,27 +390,74 @@ class Communicator:
         c = self.compression_totals
         return c["raw_bytes"] / c["compressed_bytes"] if c["compressed_bytes"] else None
 
-    # ----------------------------------------------------------------- python objects
+    # ----------------------------------------------------------------- plain values
     def broadcast_object(self, obj: Any, src: int = 0, *, purpose: str = "control") -> Any:
-        """Broadcast a picklable object from group rank ``src``; counted at its pickled size."""
+        """Broadcast a plain value (see :mod:`lightning_fedopt._plain`) from group rank ``src``.
+
+        It travels as JSON bytes in a ``uint8`` tensor after an ``int64`` length (two broadcasts,
+        counted at their sizes); receivers decode JSON, never a pickle, so nothing a peer sends
+        can run code. A value outside the plain types raises :class:`~lightning_fedopt._plain.PlainValueError`
+        on every rank (the source announces the failure instead of leaving the others waiting).
+        """
         if not self.available or self.world_size == 1:
             return obj
-        t0 = time.perf_counter()
-        box = [obj]
-        dist.broadcast_object_list(box, src=self._global_rank(src), group=self.group)
-        nbytes = len(pickle.dumps(box[0]))
-        self._record("broadcast", purpose, nbytes, time.perf_counter() - t0, is_source=self.rank == src)
-        return box[0]
+        is_src = self.rank == src
+        payload, error = b"", None
+        if is_src:
+            try:
+                payload = encode_plain(obj)
+            except PlainValueError as err:
+                error = err
+        length = torch.tensor([-1 if error is not None else len(payload)], dtype=torch.int64)
+        self.broadcast([length], src=src, purpose=purpose)
+        n = int(length.item())
+        if n < 0:
+            raise (
+                error
+                if error is not None
+                else PlainValueError(
+                    f"broadcast_object: rank {src} had a value that cannot travel as a plain control message"
+                )
+            )
+        buf = _bytes_tensor(payload) if is_src else torch.empty(n, dtype=torch.uint8)
+        self.broadcast([buf], src=src, purpose=purpose)
+        return obj if is_src else decode_plain(buf.numpy().tobytes())
 
     def all_gather_object(self, obj: Any, *, purpose: str = "control") -> list[Any]:
-        """Gather one picklable object per rank; counted at the pickled size of this rank's object."""
+        """Gather one plain value per rank (JSON bytes in ``uint8`` tensors, as :meth:`broadcast_object`).
+
+        Raises :class:`~lightning_fedopt._plain.PlainValueError` on every rank when any rank's value
+        is not plain, and on a rank that receives bytes that do not decode to a plain value.
+        """
         if not self.available or self.world_size == 1:
             return [obj]
-        t0 = time.perf_counter()
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        self._record("all_gather", purpose, len(pickle.dumps(obj)), time.perf_counter() - t0)
-        return out
+        payload, error = b"", None
+        try:
+            payload = encode_plain(obj)
+        except PlainValueError as err:
+            error = err
+        length = torch.tensor([-1 if error is not None else len(payload)], dtype=torch.int64)
+        lengths = [int(t.item()) for t in self.all_gather(length, purpose=purpose).wait()]
+        if min(lengths) < 0:
+            bad = [r for r, n in enumerate(lengths) if n < 0]
+            raise (
+                error
+                if error is not None
+                else PlainValueError(
+                    f"all_gather_object: rank(s) {bad} had a value that cannot travel as a plain control message"
+                )
+            )
+        buf = torch.zeros(max(lengths), dtype=torch.uint8)
+        buf[: len(payload)] = _bytes_tensor(payload)
+        parts = self.all_gather(buf, purpose=purpose).wait()
+        return [
+            obj if r == self.rank else decode_plain(part[:n].numpy().tobytes())
+            for r, (part, n) in enumerate(zip(parts, lengths))
+        ]
+
+
+def _bytes_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def tensors_nbytes(tensors: Iterable[Tensor]) -> int:

@@ -346,7 +346,10 @@ def test_topk_sends_biases_dense_and_survives_a_nan_replica(tmp_path):
         assert torch.load(tmp_path / f"events{r}.pt") == [{"step": 3, "excluded": 1}]
     by_op = ranks[0]["comm"]["by_op"]
     # per step: one all-gather of the two weight matrices' top-25% (k = 16 + 4 values + int32
-    # indices, + 1 validity byte), one all-reduce of the 17 bias values + the validity count
-    assert by_op["all_gather"]["bytes_sent"] == 6 * (1 + 8 * (16 + 4))
+    # indices, + 1 validity byte), one all-reduce of the 17 bias values + the validity count; after
+    # the step that left rank 1 out, one 1-byte all-gather checks that every replica's weights are
+    # finite (they are: nothing is broadcast)
+    assert by_op["all_gather"]["bytes_sent"] == 6 * (1 + 8 * (16 + 4)) + 1
+    assert ranks[0]["comm"]["by_purpose"]["control"]["bytes_sent"] == 1
     sync = ranks[0]["comm"]["by_purpose"]["sync"]["bytes_sent"]
     assert sync == 6 * (1 + 8 * (16 + 4)) + 6 * 4 * (16 + 1 + 1)

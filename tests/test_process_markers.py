@@ -39,6 +39,7 @@ PROCESS_MODULES = {
     "test_process_markers",
     "test_replica_selection",
     "test_replica_shards",
+    "test_trust",
 }
 SINGLE_PROCESS_MODULES = {
     "test_compression",

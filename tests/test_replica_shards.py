@@ -4,7 +4,9 @@ shared by the replica strategies and CompressedDDPStrategy."""
 from __future__ import annotations
 
 import os
+import pickle
 
+import pytest
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -40,7 +42,7 @@ def test_counters_round_trip_as_plain_ints():
     old = {k: v for k, v in d.items() if k != "effective_steps"}
     assert Counters.from_shard(old) == Counters(7, 3, 2, 24, 0)
     assert Counters.from_meta(d) == Counters(replica_step=7, sync_count=2)
-    assert CHECKPOINT_FORMAT == 1
+    assert CHECKPOINT_FORMAT == 2
 
 
 def test_shard_save_load_and_remove_through_a_link(tmp_path):
@@ -82,3 +84,21 @@ def test_compressed_ddp_top_k_rotation_removes_shard_folders(tmp_path):
     names = sorted(p.name for p in ckpt_dir.iterdir())
     assert names == ["step=9.ckpt", "step=9.ckpt.replicas"], names
     assert sorted(p.name for p in (ckpt_dir / "step=9.ckpt.replicas").iterdir()) == ["rank0.pt", "rank1.pt"]
+
+
+class _Crafted:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling it would create the file
+        return (open, (self.marker, "w"))
+
+
+def test_load_shard_refuses_a_crafted_pickle_by_default(tmp_path):
+    """A shard is read with ``weights_only=True`` unless the caller says otherwise: a pickle that
+    would run code on loading is refused before it runs."""
+    io, ckpt, marker = TorchCheckpointIO(), tmp_path / "c.ckpt", tmp_path / "ran"
+    save_shard(io, {"x": _Crafted(str(marker))}, ckpt, 0)
+    with pytest.raises(pickle.UnpicklingError):
+        load_shard(io, ckpt, 0)
+    assert not marker.exists()

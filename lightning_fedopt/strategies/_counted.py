@@ -1,4 +1,4 @@
-"""Lightning's own collectives (metric reduction, object broadcast, barrier) through comm.py."""
+"""Lightning's own collectives (metric reduction, broadcast of plain values, barrier) through comm.py."""
 
 from __future__ import annotations
 
@@ -90,7 +90,13 @@ class CountedCollectives:
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """Broadcast a picklable object from ``src`` (Lightning's control messages), counted as ``"control"``."""
+        """Broadcast a plain value from ``src`` (Lightning's control messages: checkpoint paths, flags,
+        the learning-rate finder's results), counted as ``"control"``.
+
+        It travels as JSON in a tensor (:meth:`~lightning_fedopt.comm.Communicator.broadcast_object`),
+        never as a pickle; any other type raises :class:`~lightning_fedopt._plain.PlainValueError`
+        on every rank.
+        """
         return self.comm.broadcast_object(obj, src=src, purpose="control")
 
     @override

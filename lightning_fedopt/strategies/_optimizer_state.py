@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +41,11 @@ def average_optimizer_state(comm: Communicator, optimizers: Sequence[Any], weigh
         RuntimeError: the replicas' optimizer states differ in structure (one small all-gather checks it).
     """
     tensors = optimizer_state_tensors(optimizers)
-    # compared as plain tuples: Python's str hash differs between processes
-    signature = tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
-    signatures = comm.all_gather_object(signature, purpose="control")
-    if len(set(signatures)) != 1:
+    # a SHA-256 of the structure, 32 uint8 per rank: fixed layout, nothing for a peer to unpickle
+    signature = ";".join(f"{tuple(t.shape)}{t.dtype}" for t in tensors)
+    digest = torch.frombuffer(bytearray(hashlib.sha256(signature.encode()).digest()), dtype=torch.uint8)
+    digests = comm.all_gather(digest, purpose="control").wait()
+    if any(not torch.equal(d, digests[0]) for d in digests):
         raise RuntimeError(
             "average_optimizer_state: the replicas' optimizer states differ in structure "
             "(e.g. a parameter that received no gradient on some ranks); cannot average them"

@@ -12,22 +12,40 @@ optimizer must be :class:`~lightning_fedopt.compression.OneBitAdam`).
 With a :class:`~lightning_fedopt.compression.OneBitAdam` optimizer the hook averages gradients in
 full precision during its warm-up and sends nothing afterwards (the optimizer then averages its
 momentum through its compressor). A replica whose gradients are NaN/Inf is left out of the
-average (the others' mean comes back to it) and the event is logged.
+average (the others' mean comes back to it) and the event is logged; if its weights, buffers or
+optimizer state are NaN/Inf after that step, it is reset from the lowest-ranked healthy replica
+(:attr:`CompressedDDPStrategy.recoveries`), and a checkpoint of NaN/Inf weights is never written.
+At start-up the ranks check that they are configured alike (same compressor, same model structure).
 
 Compressor state (error feedback, momentum) differs between ranks: every rank writes it next to
-the checkpoint, in ``<checkpoint>.replicas/rank<r>.pt``, and reads it back on resume.
+the checkpoint, in ``<checkpoint>.replicas/rank<r>.pt``, and reads it back on resume (``weights_only``,
+after checking that the shard is this rank's shard of that checkpoint).
 """
 
 from typing import Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_fedopt.comm import GradBucket
 from lightning_fedopt.compression import Compressor, OneBitAdam, Sign, TopK, get_compressor
 from lightning_fedopt.compression.collective import all_reduce_compressed
+from lightning_fedopt.strategies._handshake import agreement_fields, check_agreement
+from lightning_fedopt.strategies._optimizer_state import optimizer_state_tensors
+from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, all_finite
 from lightning_fedopt.strategies._registry import register_name
-from lightning_fedopt.strategies._shards import load_shard, log, remove_with_shard, save_shard, shard_exists
+from lightning_fedopt.strategies._shards import (
+    CHECKPOINT_KEY,
+    check_meta,
+    load_verified_shard,
+    log,
+    new_checkpoint_id,
+    provenance,
+    remove_with_shard,
+    save_shard,
+    shard_exists,
+)
 from lightning_fedopt.strategies.ddp import MeteredDDPStrategy
 
 __all__ = ["CompressedDDPStrategy", "compressed_allreduce_hook"]
@@ -81,6 +99,7 @@ def compressed_allreduce_hook(
         excluded = comm.last_compressed.get("excluded_nonfinite", 0)
         if excluded:
             strategy.record_nonfinite(excluded)
+            strategy.recover_after_step = True
     if dense_i:  # mean over the replicas with finite gradients, as the compressed path does
         dense_g = [grads[i] if valid else torch.zeros_like(grads[i]) for i in dense_i]
         count = torch.tensor([float(valid)], dtype=dense_g[0].dtype, device=dense_g[0].device)
@@ -89,6 +108,7 @@ def compressed_allreduce_hook(
             grads[i] = g / max(float(count), 1.0)
         if not sparse_i and float(count) < comm.world_size:
             strategy.record_nonfinite(comm.world_size - round(float(count)))
+            strategy.recover_after_step = True
     buf.copy_(torch.cat([g.reshape(-1) for g in grads]))
     fut = torch.futures.Future()
     fut.set_result(buf)
@@ -143,6 +163,10 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         self._nonfinite_events: list[dict[str, int]] = []
         self._resume_shard: dict[str, Any] | None = None
         self._param_names: dict[int, str] = {}
+        #: set by the hook when a bucket average left a replica out: after the optimizer step the
+        #: ranks check their weights and a non-finite replica is reset from a healthy one
+        self.recover_after_step = False
+        self._recoveries: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -162,6 +186,69 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
                 "lightning_fedopt: %d replica(s) with NaN/Inf gradients left out of the average at step %d",
                 excluded,
                 self._steps,
+            )
+
+    @property
+    def recoveries(self) -> list[dict[str, Any]]:
+        """One entry per reset of non-finite replicas: ``{"step", "ranks", "source"}``."""
+        return [dict(r) for r in self._recoveries]
+
+    @override
+    def configure_ddp(self) -> None:
+        """Check that every rank is configured alike (:mod:`~lightning_fedopt.strategies._handshake`),
+        then wrap the module in DDP."""
+        self.recover_after_step = False
+        self._recoveries = []
+        check_agreement(self.comm, agreement_fields(self), device=self.root_device)
+        super().configure_ddp()
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().optimizer_step(*args, **kwargs)
+        if self.recover_after_step:
+            self.recover_after_step = False
+            self.recover_nonfinite()
+        return out
+
+    def _replica_tensors(self) -> list[torch.Tensor]:
+        module = self.lightning_module
+        assert module is not None
+        return (
+            [p.data for p in module.parameters()]
+            + list(module.buffers())
+            + optimizer_state_tensors(self.optimizers)
+        )
+
+    def recover_nonfinite(self) -> None:
+        """Reset every replica whose weights, buffers or optimizer state went NaN/Inf from the
+        lowest-ranked healthy one (a collective: one all-gather of a flag, a broadcast only when some
+        rank is unhealthy); a replica's compressor state that went non-finite starts afresh.
+
+        Raises:
+            NoFiniteReplicaError: on every rank when no replica is healthy.
+        """
+        tensors = self._replica_tensors()
+        healthy = all_finite(tensors)
+        state = [v for st in getattr(self.compressor, "_state", {}).values() for v in st.values()]
+        if not all_finite([v for v in state if isinstance(v, torch.Tensor) and v.is_floating_point()]):
+            self.compressor.reset_state()  # this rank's own error feedback / momentum: nothing to copy
+        flag = torch.tensor([int(healthy)], dtype=torch.uint8, device=self.root_device)
+        flags = [bool(f.item()) for f in self.comm.all_gather(flag, purpose="control").wait()]
+        if all(flags):
+            return
+        bad = [r for r, ok in enumerate(flags) if not ok]
+        if len(bad) == len(flags):
+            raise NoFiniteReplicaError(step=self._steps, replicas=bad, what="restore them from")
+        source = flags.index(True)
+        self.comm.broadcast(tensors, src=source, purpose="control")
+        self._recoveries.append({"step": self._steps, "ranks": bad, "source": source})
+        if self.global_rank == 0:
+            log.warning(
+                "lightning_fedopt: replica(s) %s had NaN/Inf weights or optimizer state after step %d; "
+                "reset from rank %d",
+                bad,
+                self._steps,
+                source,
             )
 
     def _onebit_optimizers(self) -> list[OneBitAdam]:
@@ -204,7 +291,15 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         if "optimizer_states" in checkpoint:
+            state = [v for v in checkpoint.get("state_dict", {}).values() if isinstance(v, torch.Tensor)]
+            finite = all_finite([v for v in state if v.is_floating_point()])
+            ckpt_id = new_checkpoint_id(self.comm, filepath, finite=finite)
+            where = provenance(type(self).__name__, self.world_size, self.global_rank, self._steps, ckpt_id)
+            checkpoint[CHECKPOINT_KEY] = {
+                k: where[k] for k in ("format", "strategy", "world_size", "step", "checkpoint_id")
+            }
             shard = {
+                **where,
                 "compressor": self.compressor.state_dict(),
                 "onebit_state": [o.state_dict() for o in self._onebit_optimizers()],
             }
@@ -213,13 +308,41 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read the checkpoint; when fitting from one this strategy wrote, also this rank's shard
+        (checked to belong to it, on every rank). Evaluation reads no shard."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._resume_shard = None
-        if shard_exists(checkpoint_path, self.global_rank):
-            self._resume_shard = load_shard(
-                self.checkpoint_io, checkpoint_path, self.global_rank, weights_only=False
+        module = self.lightning_module
+        fitting = (
+            module is not None
+            and module._trainer is not None
+            and module.trainer.state.fn == TrainerFn.FITTING
+        )
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if not fitting:
+            return checkpoint
+        if meta is None:
+            if shard_exists(checkpoint_path, self.global_rank):
+                log.warning(
+                    "lightning_fedopt: checkpoint %s has no lightning_fedopt entry (written before format 2); "
+                    "its replica shards cannot prove they belong to it and are not read: the compressor "
+                    "state starts afresh",
+                    checkpoint_path,
+                )
+            return checkpoint
+        check_meta(meta, checkpoint_path, type(self).__name__)
+        if meta.get("world_size") != self.world_size:
+            log.warning(
+                "lightning_fedopt: checkpoint was written by %s ranks, resuming with %d; the compressor "
+                "state starts afresh",
+                meta.get("world_size"),
+                self.world_size,
             )
-            self.compressor.load_state_dict(self._resume_shard["compressor"])
+            return checkpoint
+        self._resume_shard = load_verified_shard(
+            self.comm, self.checkpoint_io, checkpoint_path, meta, weights_only=weights_only
+        )
+        self.compressor.load_state_dict(self._resume_shard["compressor"])
         return checkpoint
 
     @override
