@@ -34,7 +34,7 @@ from benchmarks.harness import (
     write_csv,
 )
 
-__all__ = ["build_parser", "main", "runner"]
+__all__ = ["build_parser", "main", "network", "runner", "train_all"]
 
 #: one row's runs: rank 0's JSON of every repeat
 Runs = dict[str, list[dict[str, Any]]]
@@ -69,6 +69,7 @@ def _worker_cmd(
         "--batch-size",
         str(args.batch_size),
         *(["--alpha", str(args.alpha)] if args.alpha is not None else []),
+        *getattr(args, "worker_extra", ()),  # a suite's own worker flags (benchmarks.lm's model size, ...)
     ]
 
 
@@ -162,6 +163,12 @@ def _train_all(
                 flush=True,
             )
     return runs
+
+
+#: for other runners (:mod:`benchmarks.lm`): the namespace network of ``--netns`` and training
+#: every row (``args.worker_extra``, if set, is appended to every worker's command line)
+network = _network
+train_all = _train_all
 
 
 def _optimizer_words(args: argparse.Namespace, suite: Suite, names: list[str]) -> str:

@@ -42,6 +42,7 @@ PROCESS_MODULES = {
     "test_trust",
 }
 SINGLE_PROCESS_MODULES = {
+    "test_project",
     "test_compression",
     "test_dimat",
     "test_example_model",
