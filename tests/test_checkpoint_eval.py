@@ -66,14 +66,15 @@ def test_resume_mid_round_is_exact(tmp_path):
 
 
 def checkpoint_at_step_6(tmp_path):
-    """Two replicas, H=4, a checkpoint at step 6 (mid-round) in ``tmp_path/ckpt/c.ckpt``."""
+    """Two replicas, H=4, a checkpoint at step 6 (mid-round) in ``tmp_path/ckpt/c.ckpt``; training
+    goes on to step 7 (at the last step every replica takes the consensus before checkpoints)."""
     ckpt_dir = tmp_path / "ckpt"
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="c")
     fit_fork(
         tmp_path / "run",
         KnownBatchModule(),
         local_sgd(sync_every=4),
-        max_steps=6,
+        max_steps=7,
         callbacks=[ckpt],
         enable_checkpointing=True,
     )

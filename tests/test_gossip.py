@@ -49,13 +49,18 @@ def test_ring_four_processes_matches_reference_point_to_point_only(tmp_path):
     for r in range(4):
         rec = torch.load(tmp_path / f"calls{r}.pt", weights_only=False)
         calls = rec["calls"]
-        # 5 gossip rounds: one batched send/recv each, and rank 0's stop flag broadcast before each round
+        # 5 gossip rounds: one batched send/recv each, and the 16-byte step/stop-flag rendezvous
+        # (an all-reduce) before each round; no other collective
         assert calls["batch_isend_irecv"] == 5
-        assert calls["all_reduce"] == 0 and calls["all_gather"] == 0 and calls["reduce_scatter"] == 0
-        assert calls["broadcast"] == 5
+        assert calls["all_reduce"] == 5 and calls["all_gather"] == 0 and calls["reduce_scatter"] == 0
+        assert calls["broadcast"] == 0
         assert sum(calls.values()) == 10
         after, before = rec["after"]["by_op"], rec["before"]["by_op"]
-        assert "all_reduce" not in after or after["all_reduce"] == before.get("all_reduce")
+        # ring all-reduce of 16 B on 4 ranks: 2 (N-1)/N x 16 = 24 B per rank and round
+        rendezvous = (
+            after["all_reduce"]["bytes_sent"] - before.get("all_reduce", {"bytes_sent": 0})["bytes_sent"]
+        )
+        assert rendezvous == 5 * 24
         # each round: the model to both ring neighbours
         sent = after["send"]["bytes_sent"] - before.get("send", {"bytes_sent": 0})["bytes_sent"]
         assert sent == 5 * 2 * PAYLOAD

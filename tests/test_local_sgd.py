@@ -235,8 +235,9 @@ def test_bytes_are_one_eighth_of_ddp(tmp_path):
         assert ddp_c["by_purpose"]["sync"]["bytes_sent"] == steps * payload
         # Local SGD: weights + [weight, valid, invalid] scalars, every 8th step
         assert lsgd_c["by_purpose"]["sync"]["bytes_sent"] == (steps // 8) * (payload + 3 * 4)
-        # rank 0's 8-byte stop flag before each sync; the start-up broadcast is the same for both
-        assert lsgd_c["by_purpose"]["control"]["bytes_sent"] == (8 * (steps // 8) if r == 0 else 0)
+        # the 16-byte step/stop-flag rendezvous before each sync and once at the end of training
+        # (ring all-reduce of 16 B: 16 B per rank with N=2); the start-up broadcast is the same for both
+        assert lsgd_c["by_purpose"]["control"]["bytes_sent"] == 16 * (steps // 8 + 1)
         assert ddp_c["by_purpose"]["setup"]["bytes_sent"] == lsgd_c["by_purpose"]["setup"]["bytes_sent"]
 
         def after_setup(c):
@@ -316,14 +317,15 @@ def test_no_collective_between_sync_points(tmp_path):
     )
     for r in range(2):
         rec = torch.load(tmp_path / f"calls{r}.pt", weights_only=False)
-        assert rec["calls"]["all_reduce"] == 4
-        assert rec["calls"]["broadcast"] == 4
+        # 4 averages and 4 step/stop-flag rendezvous (16-byte all-reduces), nothing else
+        assert rec["calls"]["all_reduce"] == 8
+        assert rec["calls"]["broadcast"] == 0
         assert sum(rec["calls"].values()) == 8
         rounds = {
             op: rec["after"]["by_op"][op]["rounds"] - rec["before"]["by_op"].get(op, {"rounds": 0})["rounds"]
             for op in ("all_reduce", "broadcast")
         }
-        assert rounds == {"all_reduce": 4, "broadcast": 4}  # and comm.py counted each of them
+        assert rounds == {"all_reduce": 8, "broadcast": 0}  # and comm.py counted each of them
 
 
 def test_round_without_participants_restarts_from_last_result(tmp_path):

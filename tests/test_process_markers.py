@@ -37,6 +37,7 @@ PROCESS_MODULES = {
     "test_noloco",
     "test_outer_resume",
     "test_process_markers",
+    "test_recipes",
     "test_replica_selection",
     "test_replica_shards",
     "test_trust",

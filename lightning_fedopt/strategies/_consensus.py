@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_fedopt.strategies._rendezvous import VALIDATION
+
 __all__ = ["ConsensusEvaluation"]
 
 
@@ -34,7 +36,9 @@ class ConsensusEvaluation:
         Validation, a checkpoint and the final synchronisation at the same step share one result.
         """
         if self._consensus_cache is None:
-            self._consensus_cache = [v.detach().clone() for v in self.consensus_values()]  # type: ignore[attr-defined]
+            values = [v.detach().clone() for v in self.consensus_values()]  # type: ignore[attr-defined]
+            # BatchNorm statistics that belong to the consensus weights (bn_recalibration)
+            self._consensus_cache = self._recalibrated(values)  # type: ignore[attr-defined]
         return self._consensus_cache
 
     @contextlib.contextmanager
@@ -54,10 +58,15 @@ class ConsensusEvaluation:
             if swapped:
                 self._swap_out_consensus()
 
+    def _holds_consensus(self) -> bool:
+        """Whether the module holds the consensus as it is: the replica's weights are the consensus,
+        and no BatchNorm statistics are to be re-estimated for it."""
+        return self.local_is_consensus() and not self.recalibrates_batchnorm()  # type: ignore[attr-defined]
+
     def _swap_in_consensus(self, force: bool = False) -> None:
         if (not force and self.evaluate != "consensus") or not self._algorithm_ready:
             return
-        if self._eval_backup is not None or self.local_is_consensus():  # type: ignore[attr-defined]
+        if self._eval_backup is not None or self._holds_consensus():
             return
         values = self.cached_consensus_values()
         tracked = self.tracked_tensors()  # type: ignore[attr-defined]
@@ -76,6 +85,8 @@ class ConsensusEvaluation:
 
     @override
     def on_validation_start(self) -> None:
+        self._rendezvous_in_fit(VALIDATION)  # type: ignore[attr-defined]
+        self._note_validation()  # type: ignore[attr-defined]
         self._swap_in_consensus()
 
     @override
@@ -112,7 +123,7 @@ class ConsensusEvaluation:
         """The consensus model's state dict (what plain Lightning/PyTorch loads from the checkpoint)."""
         module = self.lightning_module  # type: ignore[attr-defined]
         assert module is not None
-        if not self._algorithm_ready or self._eval_backup is not None or self.local_is_consensus():  # type: ignore[attr-defined]
+        if not self._algorithm_ready or self._eval_backup is not None or self._holds_consensus():
             return module.state_dict()
         return self._state_dict_with(self.cached_consensus_values())  # type: ignore[attr-defined]
 

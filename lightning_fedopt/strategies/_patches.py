@@ -6,7 +6,8 @@
 * :class:`LoopPatches` (a mixin of :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy`):
   Lightning broadcasts a SIGTERM flag from rank 0 before *every* training batch, which puts the
   replicas in lockstep and costs a network round trip per step; the strategy replaces it with one
-  check before each synchronisation step, where the replicas meet anyway.
+  check before each synchronisation step, where the replicas meet anyway: a rendezvous that also
+  checks that every rank is at the same step (any rank's SIGTERM stops them all).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
+
+from lightning_fedopt.strategies._rendezvous import SYNC
 
 __all__ = ["LoopPatches", "ManualOptimizationHooks"]
 
@@ -54,6 +56,7 @@ class LoopPatches:
         if module is not None and not module.automatic_optimization and self._hooks not in trainer.callbacks:
             trainer.callbacks.insert(0, self._hooks)
         self._patch_sigterm_check(trainer)
+        self._patch_validation_check(trainer)  # type: ignore[attr-defined]
 
     def _unpatch_loop(self) -> None:
         """At teardown: the Trainer's loop as Lightning left it."""
@@ -62,6 +65,7 @@ class LoopPatches:
             if self._hooks in trainer.callbacks:
                 trainer.callbacks.remove(self._hooks)
             trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            trainer.fit_loop.epoch_loop.__dict__.pop("_should_check_val_fx", None)
 
     def _patch_sigterm_check(self, trainer: Trainer) -> None:
         """Lightning broadcasts a SIGTERM flag from rank 0 before *every* training batch, which puts
@@ -72,17 +76,17 @@ class LoopPatches:
             loop._broadcast_sigterm_tensor = self._sigterm_check  # instance attribute; removed in teardown
 
     def _sigterm_check(self) -> None:
-        """Before a synchronisation step: stop every rank if rank 0 received SIGTERM."""
-        if not self.schedule.should_sync(self._replica_step + 1):  # type: ignore[attr-defined]
+        """Before a synchronisation step: stop every rank if one received SIGTERM. The check is a
+        rendezvous carrying the step (:mod:`~lightning_fedopt.strategies._rendezvous`): ranks that fell
+        out of step raise a clear error here instead of waiting for each other until the timeout."""
+        step = self._replica_step  # type: ignore[attr-defined]
+        if not self.schedule.should_sync(step + 1):  # type: ignore[attr-defined]
             return
+        if self._checked_step == step:  # type: ignore[has-type]
+            return  # once per step (under manual optimization a batch need not step)
+        self._checked_step = step
         trainer = getattr(self.lightning_module, "_trainer", None)  # type: ignore[attr-defined]
-        # int64, as Lightning's own SIGTERM notifier broadcasts it (the two may pair up)
-        flag = torch.tensor(
-            [1 if getattr(trainer, "received_sigterm", False) else 0],
-            device=self.root_device,  # type: ignore[attr-defined]
-        )
-        self.comm.broadcast([flag], src=0, purpose="control")  # type: ignore[attr-defined]
-        if int(flag.item()) == 1:
+        if self.rendezvous(SYNC, sigterm=getattr(trainer, "received_sigterm", False)):  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 self.comm.barrier(purpose="control")  # type: ignore[attr-defined]
             raise SIGTERMException()

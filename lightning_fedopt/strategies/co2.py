@@ -126,7 +126,8 @@ class CO2Strategy(DiLoCoStrategy):
             for a benchmark to show, not assumed.
         clip: element-wise bound ``c`` (> 0) of the outer momentum, or None for no clipping.
         offload_global, **kwargs: as for :class:`~lightning_fedopt.strategies.diloco.DiLoCoStrategy`
-            and :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` (``group_size``, ...).
+            and :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` (``group_size``,
+            ``bn_recalibration``, which defaults to 8 as for DiLoCo, ...).
 
     Raises:
         ValueError: for ``compressor=``: the compressed all-reduce is synchronous, so the round's
@@ -215,7 +216,8 @@ class CO2Strategy(DiLoCoStrategy):
 
     @override
     def final_sync(self) -> None:
-        """Apply the round in flight, then the partial round since (if any), synchronously."""
+        """Apply the round in flight, then the partial round since (if any), synchronously (at the
+        last training step, before its validation and checkpoints)."""
         pending, self._inflight = self._inflight, None
         # the partial round's pseudo-gradient, against the outer weights it started from
         partial = self._launch(None, self._replica_step) if self._steps_since_sync > 0 else None

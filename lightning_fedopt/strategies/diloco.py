@@ -16,8 +16,17 @@ contiguous runs of tensors, or whole layers dealt round-robin (``fragment_layout
 paper's layout); see :mod:`lightning_fedopt.strategies._fragments`.
 
 Buffers (e.g. BatchNorm running statistics) are averaged; parameters go through the outer
-optimizer. A replica whose weights are non-finite contributes nothing, is reset to the new outer
-weights and its inner optimizer state is cleared.
+optimizer. The averaged statistics were estimated with the replicas' weights, not the outer
+weights, so whenever the consensus is used (validation, checkpoints, the model ``fit`` returns)
+they are re-estimated for the outer weights on each replica's last ``bn_recalibration`` training
+batches (default 8; see :mod:`~lightning_fedopt.strategies._batchnorm`). A replica whose weights
+are non-finite contributes nothing, is reset to the new outer weights and its inner optimizer
+state is cleared.
+
+The consensus changes only at outer steps: a validation Lightning schedules between two outer
+steps would score the same model again and is skipped (``skip_unchanged_validation``). The last
+training step closes training (the round in flight, the partial round) before that step's
+validation and checkpoints, so ``last.ckpt``, the last ``val_loss`` and the returned model agree.
 """
 
 from __future__ import annotations
@@ -85,7 +94,11 @@ class DiLoCoStrategy(ReplicaStrategy):
         compressor: compress the pseudo-gradients: a
             :class:`~lightning_fedopt.compression.Compressor` or its name (``"int8"``, ``"int4"``, ...);
             they then travel through the compressed all-reduce (synchronously).
-        warmup_steps, **kwargs: as for :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy`.
+        warmup_steps, **kwargs: as for :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy`
+            (``bn_recalibration`` defaults to 8 here: BatchNorm statistics are re-estimated for the
+            outer weights when they are used; cost, per validation, checkpoint and end of fit: 8
+            forward passes without gradients on batches already in memory, and one all-reduce of
+            the BatchNorm statistics; nothing for a model without BatchNorm).
 
     Example:
         >>> import lightning as L
@@ -97,6 +110,8 @@ class DiLoCoStrategy(ReplicaStrategy):
 
     strategy_name = "diloco"
     supports_round_seconds = True
+    #: the outer weights are not the replicas' mean: re-estimate their BatchNorm statistics
+    default_bn_recalibration = 8
 
     def __init__(
         self,
@@ -139,6 +154,8 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._fragments: list[Fragment] = []
         self._inflight: InFlight | None = None
         self._at_global = True
+        #: outer steps taken in this process (the consensus changes at those only)
+        self._outer_steps = 0
 
     # ---------------------------------------------------------------- state
     def _outer_device(self) -> torch.device:
@@ -236,6 +253,24 @@ class DiLoCoStrategy(ReplicaStrategy):
     def local_is_consensus(self) -> bool:
         return self._steps_since_sync == 0 and self._at_global and self._inflight is None
 
+    @override
+    def consensus_version(self) -> int:
+        """The consensus (the outer weights) changes at outer steps only."""
+        return self._outer_steps if self.evaluate == "consensus" else self.replica_step
+
+    @override
+    def _after_final_sync(self) -> None:
+        """Every replica took the consensus at the end of fit (after a stop the strategy could not
+        foresee, or with re-estimated BatchNorm statistics): a round still in flight is completed
+        (every rank launched it) and dropped, and the outer weights are what the replicas hold."""
+        if self._inflight is not None:
+            self._inflight.wait()
+            self._inflight = None
+        with torch.no_grad():
+            for phi, t in zip(self._outer_weights, self.tracked_tensors()):
+                phi.copy_(t)
+        self._at_global = True
+
     # ---------------------------------------------------------------- the round
     def _indices(self, fragment: int | None) -> list[int]:
         """The tracked tensors of ``fragment`` (``None``: all of them)."""
@@ -325,6 +360,7 @@ class DiLoCoStrategy(ReplicaStrategy):
                     phi.copy_(mean)
         for frag in self._fragments if fragment is None else [self._fragments[fragment]]:
             frag.step()
+        self._outer_steps += 1
 
     @override
     def sync(self) -> dict[str, float]:

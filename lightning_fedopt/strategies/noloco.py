@@ -16,8 +16,12 @@ needs only the partners' local models. So a message is ``theta_j`` (and a finite
 worth of bytes, not the two (progress and global weights) the formula names; the result is the
 same up to floating-point rounding (the tests check it against the formula as written).
 
-Buffers (BatchNorm statistics) are averaged within the group. Nothing is broadcast or
-all-reduced during training: Lightning's SIGTERM flag is checked on each rank by itself.
+Buffers (BatchNorm statistics) are averaged within the group; the consensus's statistics are
+re-estimated for its weights when it is used (``bn_recalibration``, default 8 here, see
+:mod:`~lightning_fedopt.strategies._batchnorm`). Nothing is broadcast or all-reduced during
+training: Lightning's SIGTERM flag is checked on each rank by itself (so ranks that fall out of
+step, e.g. with uneven epochs, are caught at the next validation or the end of training only, by
+the rendezvous of :mod:`~lightning_fedopt.strategies._rendezvous`, not before a pair exchange).
 Evaluation and the final model use the mean of all replicas (an all-reduce at those points only).
 
 No ``compressor=``: a pair's message is absolute state (the partner's model), and partners change
@@ -75,7 +79,10 @@ class NoLoCoStrategy(ReplicaStrategy):
             group's mean global weights.
         outer_momentum: ``beta`` in [0, 1).
         seed: seed of the round-seeded pairing.
-        **kwargs: :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` arguments.
+        **kwargs: :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` arguments
+            (``bn_recalibration`` defaults to 8: the consensus's BatchNorm statistics are
+            re-estimated when it is used, at the cost of 8 forward passes without gradients and one
+            all-reduce of the statistics per validation, checkpoint and end of fit).
 
     Example:
         >>> import lightning as L
@@ -84,6 +91,8 @@ class NoLoCoStrategy(ReplicaStrategy):
     """
 
     strategy_name = "noloco"
+    #: the consensus is not the mean of the weights the statistics were estimated with
+    default_bn_recalibration = 8
 
     def __init__(
         self,

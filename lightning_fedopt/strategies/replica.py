@@ -20,9 +20,16 @@ What the base does for every algorithm:
   SIGTERM flag is replaced by one check before each synchronisation step;
 * evaluates (validation/test/predict) on the **consensus model** (``evaluate="consensus"``,
   default) by swapping it in and back out, or on each local replica (``evaluate="local"``);
-* at the end of ``fit`` leaves every rank holding the same consensus weights (``final_sync``; it
-  runs in the strategy's ``on_train_end``, after the callbacks' ``on_train_end`` and before
-  ``on_fit_end``);
+* at the end of ``fit`` leaves every rank holding the same consensus weights (``final_sync``). When
+  Lightning's stop is foreseeable (``max_steps``, the last batch of the last epoch) it runs in the
+  last step itself, before that step's validation and checkpoints, so ``last.ckpt``, the last
+  ``val_loss`` and the returned model are the same model; after a stop it cannot foresee
+  (``EarlyStopping``, ``max_time``) every rank takes the consensus that the last validation and
+  checkpoint saw (``_finish``);
+* skips a validation during ``fit`` that would score an unchanged consensus
+  (``skip_unchanged_validation``), re-estimates the consensus's BatchNorm statistics when it is
+  used (``bn_recalibration``, ``_batchnorm``), and turns the meeting points of the ranks into a
+  rendezvous that raises a clear error when ranks are out of step (``_rendezvous``);
 * checkpoints: the checkpoint file's ``state_dict`` is the consensus model (loadable by plain
   Lightning/PyTorch), its ``"lightning_fedopt"`` entry holds the replicated algorithm state, and
   every rank writes its own replica's weights, optimizer states, algorithm state, RNG state and
@@ -37,14 +44,17 @@ mixins of :class:`ReplicaStrategy`, one module each: ``_state`` (counters, last 
 ``_shards`` (checkpoint shards and the :class:`~lightning_fedopt.strategies._shards.Counters`
 saved in them), ``_consensus`` (the consensus swapped in for evaluation and checkpoints),
 ``_tracked`` (the tracked tensors), ``_groups`` (``group_size`` hierarchies), ``_patches``
-(changes to Lightning's loop: the SIGTERM check, the manual-optimization hook) and
-``_initial_sync`` (:func:`state_digest` and the start-up broadcast).
+(changes to Lightning's loop: the SIGTERM check, the manual-optimization hook),
+``_initial_sync`` (:func:`state_digest` and the start-up broadcast), ``_finish`` (the last step,
+validation of a changed model), ``_batchnorm`` (BatchNorm statistics of the consensus) and
+``_rendezvous`` (ranks out of step).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -64,12 +74,16 @@ from typing_extensions import override
 from lightning_fedopt._validate import check_choice, check_float, check_int
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.schedules import SyncSchedule, as_schedule
+from lightning_fedopt.strategies._batchnorm import BatchNormStatistics
 from lightning_fedopt.strategies._consensus import ConsensusEvaluation
 from lightning_fedopt.strategies._counted import CountedCollectives
+from lightning_fedopt.strategies._finish import FitEnd
 from lightning_fedopt.strategies._groups import ReplicaGroups
+from lightning_fedopt.strategies._handshake import agreement_fields, check_agreement
 from lightning_fedopt.strategies._initial_sync import INITIAL_SYNC, start_identical, state_digest
 from lightning_fedopt.strategies._patches import LoopPatches, ManualOptimizationHooks
 from lightning_fedopt.strategies._registry import register_name
+from lightning_fedopt.strategies._rendezvous import StepCheck
 from lightning_fedopt.strategies._shards import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEY,
@@ -92,6 +106,9 @@ _ManualOptimizationHooks = ManualOptimizationHooks  # the name it had before it 
 
 class ReplicaStrategy(
     ReplicaState,
+    FitEnd,
+    BatchNormStatistics,
+    StepCheck,
     ShardedCheckpoints,
     ConsensusEvaluation,
     TrackedTensors,
@@ -127,6 +144,21 @@ class ReplicaStrategy(
             a SHA-256 digest of their weights and buffers (32 bytes each, all-gathered) and rank 0
             broadcasts only if some rank differs, e.g. when every site loaded the same checkpoint
             or seeded the same initialisation, the model never crosses the slow link at start-up.
+        bn_recalibration: re-estimate the consensus's BatchNorm running statistics, whenever the
+            consensus is used (validation/test on it, checkpoints, the model ``fit`` returns), on this
+            many of each replica's last training batches (forward passes in train mode, no
+            gradients; then one all-reduce of the statistics): the replicas' statistics were
+            estimated with their own weights, not the consensus's. 0: off (the statistics are the
+            replicas' mean). Default: the algorithm's ``default_bn_recalibration`` (8 for DiLoCo,
+            CO2, NoLoCo; 0 otherwise). Costs nothing for a model without BatchNorm; the batches are
+            kept by reference (``bn_recalibration`` batches of memory). See
+            :mod:`~lightning_fedopt.strategies._batchnorm`.
+        bn_forward: ``(module, batch) -> Any``, the forward pass for the re-estimation. Default:
+            ``module(batch[0])`` for a tuple/list batch, ``module(batch)`` otherwise.
+        skip_unchanged_validation: skip a validation Lightning schedules during ``fit`` when the
+            consensus model has not changed since the last validation (DiLoCo and CO2 change it at
+            outer steps only): it would score the same model again, and ``EarlyStopping`` would
+            count the repeat as "no improvement". A warning says so the first time.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy``
             (``start_method`` is ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``).
@@ -157,6 +189,8 @@ class ReplicaStrategy(
     strategy_name = "replica"
     #: whether the algorithm normalises updates by each replica's step count (``round_seconds``)
     supports_round_seconds = False
+    #: ``bn_recalibration`` when not given: 0 where the consensus is the replicas' plain mean
+    default_bn_recalibration = 0
 
     def __init__(
         self,
@@ -169,6 +203,9 @@ class ReplicaStrategy(
         group_size: int = 1,
         round_seconds: float | None = None,
         initial_sync: str = "broadcast",
+        skip_unchanged_validation: bool = True,
+        bn_recalibration: int | None = None,
+        bn_forward: Callable[[Any, Any], Any] | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -193,6 +230,11 @@ class ReplicaStrategy(
             )
         check_choice("start_method", start_method, _START_METHODS)
         check_choice("initial_sync", initial_sync, _INITIAL_SYNC)
+        if bn_recalibration is None:
+            bn_recalibration = self.default_bn_recalibration
+        bn_recalibration = check_int("bn_recalibration", bn_recalibration, low=0)
+        if bn_forward is not None and not callable(bn_forward):
+            raise ValueError(f"`bn_forward` must be a callable (module, batch) -> Any, got {bn_forward!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -211,6 +253,9 @@ class ReplicaStrategy(
         self.group_size = group_size
         self.round_seconds = round_seconds
         self.initial_sync = initial_sync
+        self.skip_unchanged_validation = bool(skip_unchanged_validation)
+        self.bn_recalibration = bn_recalibration
+        self.bn_forward = bn_forward
         self._outer_comm: Communicator | None = None
         self._inner_comm: Communicator | None = None
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
@@ -238,14 +283,11 @@ class ReplicaStrategy(
         return self._steps_since_sync == 0
 
     def final_sync(self) -> None:
-        """Make every replica hold the consensus at the end of fit."""
+        """Make every replica hold the consensus at the end of fit (at the last step when Lightning's
+        stop is foreseeable; algorithms may fold pending work into the consensus here)."""
         if self.local_is_consensus():
             return
-        values = self.cached_consensus_values()
-        with torch.no_grad():
-            for t, v in zip(self.tracked_tensors(), values):
-                t.copy_(v)
-        self._after_final_sync()
+        self._load_consensus()
 
     def _after_final_sync(self) -> None:
         """Hook for algorithms whose global state must follow the final consensus."""
@@ -280,6 +322,12 @@ class ReplicaStrategy(
         self._resume_meta = None
         self._resume_shard = None
         self._weights_from_shard = False
+        self._closed = False
+        self._checked_step = None
+        self._validated_version = None
+        self._skipped_validations = 0
+        self._bn_batches: deque[Any] = deque(maxlen=max(self.bn_recalibration, 1))
+        self._bn_training: set[int] = set()
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -317,7 +365,9 @@ class ReplicaStrategy(
 
     @override
     def configure_ddp(self) -> None:
-        """No DDP wrapper: make the replicas identical, then set up the algorithm."""
+        """No DDP wrapper: check that every rank runs the same configuration on the same model
+        structure (the start-up handshake), make the replicas identical, set up the algorithm."""
+        check_agreement(self.comm, agreement_fields(self), device=self.root_device)
         if self._resume_meta is None:
             # a new fit (not a resume) starts the algorithm afresh
             stats = self.comm.stats
@@ -374,6 +424,7 @@ class ReplicaStrategy(
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._record_batch(batch)
         if self.count_samples:
             try:
                 self._samples_since_sync += int(extract_batch_size(batch))
@@ -382,10 +433,15 @@ class ReplicaStrategy(
 
     def _end_step(self) -> None:
         self._consensus_cache = None
+        self._closed = False
         self._replica_step += 1
         self._steps_since_sync += 1
         if self.schedule.should_sync(self._replica_step):
             self._run_sync()
+        if self.final_sync_enabled and self._is_last_training_step():
+            # close training in its last step, before that step's validation and checkpoints
+            self._close_training(self.final_sync)
+            self._closed = True
 
     def _run_sync(self) -> None:
         seconds_before = self.comm.stats.seconds
@@ -402,18 +458,6 @@ class ReplicaStrategy(
             self._effective_history.append(self._effective_steps)
         self._effective_steps = 0
         self._round_compute = 0.0
-
-    @override
-    def on_train_end(self) -> None:
-        """The final synchronisation (after the callbacks' ``on_train_end``, before ``on_fit_end``)."""
-        if self.final_sync_enabled and self._algorithm_ready:
-            before = self.local_is_consensus()
-            self.final_sync()
-            if not before:
-                self._sync_count += 1
-                self._close_round()
-            self._steps_since_sync = 0
-        self._consensus_cache = None
 
     # ================================================================== registry
     @override
