@@ -10,7 +10,7 @@ from reference_outer import reference_diloco, run_and_resume
 from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies._fragments import layer_keys
+from lightning_fedopt.strategies._fragments import assign_fragments, layer_keys, resolve_layout
 from lightning_fedopt.strategies.diloco import fragment_events, split_fragments, strided_fragments
 
 
@@ -95,6 +95,12 @@ def test_strided_layout_keeps_layers_whole():
     assert strided_fragments(gpt, 1) == [list(range(len(gpt)))]
     with pytest.raises(ValueError, match="fragments"):
         strided_fragments(net, 3)  # two layers only
+    # the default layout: strided where the model has enough layers, contiguous otherwise
+    assert resolve_layout(net, 2, "auto") == "strided"
+    assert resolve_layout(net, 3, "auto") == "contiguous"
+    assert assign_fragments(net, [64, 16, 16, 1], 2, "auto") == [[0, 1], [2, 3]]
+    assert assign_fragments(net, [64, 16, 16, 1], 3, "auto") == split_fragments([64, 16, 16, 1], 3)
+    assert lf.DiLoCoStrategy(sync_every=8, fragments=2).fragment_layout == "auto"
 
 
 def test_streaming_strided_matches_reference(tmp_path):
@@ -113,7 +119,7 @@ def test_streaming_strided_matches_reference(tmp_path):
 
 @pytest.mark.parametrize("delay,alpha", [(1, 0.5), (0, 0.0)])
 def test_streaming_matches_reference(tmp_path, delay, alpha):
-    strategy = diloco(sync_every=4, fragments=2, sync_delay=delay, mixing=alpha)
+    strategy = diloco(sync_every=4, fragments=2, fragment_layout="contiguous", sync_delay=delay, mixing=alpha)
     ranks = fit_fork(tmp_path, KnownBatchModule(optimizer="adam", lr=0.01), strategy, max_steps=15)
     ref = reference_diloco(
         2, 15, 4, fragments=[[0], [1, 2, 3]], delay=delay, alpha=alpha, optimizer="adam", lr=0.01
@@ -127,7 +133,14 @@ def test_streaming_resume_with_fragment_in_flight(tmp_path):
     at 7): the resumed run reproduces the uninterrupted one, outer momentum and global weights included."""
 
     def strategy():
-        return diloco(sync_every=4, fragments=2, sync_delay=1, mixing=0.5, final_sync=False)
+        return diloco(
+            sync_every=4,
+            fragments=2,
+            fragment_layout="contiguous",
+            sync_delay=1,
+            mixing=0.5,
+            final_sync=False,
+        )
 
     def module():
         return KnownBatchModule(optimizer="adam", lr=0.01)

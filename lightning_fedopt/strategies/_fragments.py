@@ -40,12 +40,13 @@ __all__ = [
     "fragment_events",
     "layer_keys",
     "pseudo_gradients",
+    "resolve_layout",
     "split_fragments",
     "strided_fragments",
 ]
 
 #: the ways tensors are assigned to fragments
-LAYOUTS = ("contiguous", "strided")
+LAYOUTS = ("auto", "contiguous", "strided")
 
 #: the counters a checkpointed round's last reduced tensor holds (masked_sum's order)
 _COUNTERS = ("weight", "valid", "invalid")
@@ -122,9 +123,24 @@ def strided_fragments(names: list[str], fragments: int) -> list[list[int]]:
     return groups
 
 
+def resolve_layout(names: list[str], fragments: int, layout: str) -> str:
+    """``"auto"`` is ``"strided"`` when the model has at least ``fragments`` layers
+    (:func:`layer_keys`), else ``"contiguous"``; the other layouts are returned as they are.
+
+    Example:
+        >>> resolve_layout(["a.weight", "a.bias", "b.weight"], 2, "auto")
+        'strided'
+        >>> resolve_layout(["a.weight", "a.bias", "b.weight"], 3, "auto")
+        'contiguous'
+    """
+    if layout != "auto":
+        return layout
+    return "strided" if fragments <= len(set(layer_keys(names))) else "contiguous"
+
+
 def assign_fragments(names: list[str], numels: list[int], fragments: int, layout: str) -> list[list[int]]:
     """The tensor indices of each fragment under ``layout`` (one of :data:`LAYOUTS`)."""
-    if layout == "strided":
+    if resolve_layout(names, fragments, layout) == "strided":
         return strided_fragments(names, fragments)
     return split_fragments(numels, fragments)
 
