@@ -278,3 +278,21 @@ def test_diloco_error_feedback_compressor_resume_is_exact(tmp_path, make):
     # the compressor is really lossy here: an uncompressed DiLoCo ends elsewhere
     plain = reference_diloco(2, 11, 3, optimizer="adam", lr=0.01, final_sync=False)
     assert (full[0]["state_dict"]["net.0.weight"] - plain[0]["net.0.weight"]).abs().max() > 1e-4
+
+
+def test_streaming_nan_replica_recovers_every_fragment(tmp_path):
+    """Streaming DiLoCo, F=2: a replica that went NaN is reset in *every* fragment at the first sync
+    that sees it, not only in the fragment being applied. Before, the other fragment stayed NaN, the
+    next local steps poisoned the reset fragment again, and the replica was excluded at every sync
+    to the end of training (22 exclusions in 96 steps in the issue's run)."""
+    strategy = diloco(
+        sync_every=4, fragments=2, fragment_layout="contiguous", sync_delay=1, mixing=0.5, final_sync=False
+    )
+    ranks = fit_fork(tmp_path, KnownBatchModule(nan_at=(1, 5)), strategy, max_steps=24)
+    for r in range(2):
+        assert all(torch.isfinite(v).all() for v in ranks[r]["state_dict"].values()), r
+    resets = [e for e in ranks[1]["nonfinite_events"] if e["local"]]
+    assert len(resets) == 1, ranks[1]["nonfinite_events"]
+    # rank 0 sees the poisoned replica excluded at most at the syncs whose round was already
+    # computed when it went NaN (the round in flight), never after the reset
+    assert all(e["step"] <= 8 for e in ranks[0]["nonfinite_events"]), ranks[0]["nonfinite_events"]

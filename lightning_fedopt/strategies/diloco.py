@@ -320,7 +320,8 @@ class DiLoCoStrategy(ReplicaStrategy):
         elif n_valid == 0:
             raise NoFiniteReplicaError(self.replica_step)
         tensors = self.tracked_tensors()
-        local_finite_now = self.is_finite([tensors[i] for i in idx])
+        # the whole replica, not only this fragment: a NaN elsewhere poisons the next local steps
+        local_finite_now = self.is_finite(tensors)
         info: dict[str, float] = {"excluded_nonfinite": float(n_bad), "valid_replicas": float(n_valid)}
         if self.track_consensus_distance:
             with torch.no_grad():
@@ -335,7 +336,9 @@ class DiLoCoStrategy(ReplicaStrategy):
         alpha = self.mixing if f.fragment is not None else 0.0
         reset = not f.local_finite or not local_finite_now
         with torch.no_grad():
-            for i in idx:
+            # a reset replica restarts from the outer weights in every fragment (streaming: the
+            # fragments not applied now keep their last outer weights); otherwise only this one moves
+            for i in range(len(tensors)) if reset else idx:
                 t, phi = tensors[i], self._outer_weights[i].to(tensors[i].device, non_blocking=True)
                 if alpha > 0 and not reset:
                     t.copy_(phi + alpha * (t - phi))
