@@ -23,7 +23,20 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "describe_range"]
+__all__ = [
+    "SEED_LIMIT",
+    "check_bool",
+    "check_choice",
+    "check_finite_values",
+    "check_float",
+    "check_int",
+    "check_seed",
+    "check_str",
+    "describe_range",
+]
+
+#: seeds are non-negative and below this (they must fit a signed 64-bit generator seed)
+SEED_LIMIT = 2**63
 
 
 def describe_range(
@@ -121,4 +134,51 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a ``bool``; ``ValueError`` otherwise (``"False"`` is not False)."""
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` as an ``int`` seed in ``[0, 2**63 - 1]`` (what ``torch.Generator.manual_seed``
+    and NumPy both accept); ``ValueError`` naming ``name`` otherwise (negative, fractional, bool)."""
+    return check_int(name, value, low=0, high=SEED_LIMIT - 1)
+
+
+def check_str(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """``value`` if it is a ``str`` (or None where allowed); ``ValueError`` naming ``name`` otherwise."""
+    if (value is None and allow_none) or isinstance(value, str):
+        return value
+    raise ValueError(f"`{name}` must be a string{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_finite_values(name: str, value: Any) -> Any:
+    """``value`` (a tensor, array or sequence of numbers) as a non-empty, finite, 1-D float64
+    ``torch.Tensor``; ``ValueError`` naming ``name`` otherwise."""
+    import numpy as np
+    import torch
+
+    try:
+        if isinstance(value, (str, bytes, dict)) or value is None:
+            raise TypeError
+        t = torch.as_tensor(
+            np.asarray(value, dtype=np.float64) if not isinstance(value, torch.Tensor) else value
+        )
+        t = t.to(torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"`{name}` must be a non-empty sequence of finite numbers, got {value!r}") from None
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"`{name}` must be a non-empty sequence of finite numbers, got {value!r}")
+    return t
+
+
+def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> Any:
+    """``value`` if it is a positive ``datetime.timedelta`` (or None where allowed); ``ValueError``
+    naming ``name`` otherwise (a number of seconds is refused: the unit would be a guess)."""
+    import datetime
+
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, datetime.timedelta) or value <= datetime.timedelta(0):
+        raise ValueError(
+            f"`{name}` must be a positive datetime.timedelta{' or None' if allow_none else ''}, got {value!r}"
+        )
     return value

@@ -232,7 +232,7 @@ class Merge:
     """
 
     def __init__(self, method: str = "mean", **params: Any) -> None:
-        if method not in MERGES:
+        if not isinstance(method, str) or method not in MERGES:
             raise ValueError(f"`merge` must be one of {sorted(MERGES)}, got {method!r}")
         allowed = MERGES[method][1]
         unknown = sorted(set(params) - set(allowed))
@@ -284,13 +284,24 @@ class Merge:
             reference: the merging replica's own model (nna).
             names: the tensors' names (variance_corrected skips BatchNorm running statistics).
         """
-        s = contributions if isinstance(contributions, ContributionSet) else ContributionSet(contributions)
+        if not isinstance(contributions, ContributionSet):
+            items = list(contributions) if isinstance(contributions, Iterable) else None
+            if (
+                items is None
+                or isinstance(contributions, (str, bytes, Tensor))
+                or not all(isinstance(c, Contribution) for c in items)
+            ):
+                raise ValueError(
+                    f"`contributions` must be a ContributionSet or an iterable of Contribution, got {contributions!r}"
+                )
+            contributions = ContributionSet(items)
+        s = contributions
         if len(s) == 0:
-            raise ValueError("cannot merge an empty set of contributions")
+            raise ValueError("`contributions`: cannot merge an empty set of contributions")
         items = list(s)
         n_t = len(items[0].tensors)
         if any(len(c.tensors) != n_t for c in items):
-            raise ValueError("every contribution must hold the same number of tensors")
+            raise ValueError("`contributions`: every contribution must hold the same number of tensors")
         first = items[0].tensors
         is_float = [torch.is_floating_point(t) for t in first]
         fidx = [i for i, f in enumerate(is_float) if f]

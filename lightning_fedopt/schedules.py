@@ -169,7 +169,7 @@ class LateBudget(_PointSchedule):
         self.total_steps = check_int("total_steps", total_steps, low=1)
         self.num_syncs = check_int("num_syncs", num_syncs, low=1)
         if num_syncs > total_steps:
-            raise ValueError(f"`num_syncs` must be <= total_steps ({total_steps}), got {num_syncs}")
+            raise ValueError(f"`num_syncs` must be <= `total_steps` ({total_steps}), got {num_syncs}")
         self.power = check_float("power", power, low=1)
 
     @override
@@ -191,6 +191,8 @@ class Explicit(SyncSchedule):
     """
 
     def __init__(self, steps: Iterable[int]) -> None:
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise ValueError(f"`steps` must be an iterable of integers >= 1, got {steps!r}")
         points = sorted({check_int("steps", s, low=1) for s in steps})
         if not points:
             raise ValueError("`steps` must list at least one step")

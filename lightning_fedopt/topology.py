@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedopt._validate import check_int
+from lightning_fedopt._validate import check_bool, check_int, check_seed, check_str
 
 __all__ = [
     "TOPOLOGIES",
@@ -49,9 +49,15 @@ __all__ = [
 _TOL = 1e-6
 
 
+#: the most replicas a topology may have: mixing matrices are dense ``n x n`` float64 tensors
+#: (128 MiB at this bound), so a larger ``n`` is refused rather than built
+MAX_REPLICAS = 4096
+
+
 def _check_n(n: object) -> int:
-    """``n``, the number of replicas, as an ``int`` >= 1 (``ValueError`` naming ``n`` otherwise)."""
-    return check_int("n", n, low=1)
+    """``n``, the number of replicas, as an ``int`` in ``[1, MAX_REPLICAS]`` (``ValueError`` naming ``n``
+    otherwise)."""
+    return check_int("n", n, low=1, high=MAX_REPLICAS)
 
 
 def metropolis_hastings(adjacency: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,13 @@ def metropolis_hastings(adjacency: torch.Tensor) -> torch.Tensor:
                 [0.3333, 0.3333, 0.3333],
                 [0.0000, 0.3333, 0.6667]], dtype=torch.float64)
     """
-    a = (torch.as_tensor(adjacency) != 0).to(torch.float64)
+    try:
+        a = torch.as_tensor(adjacency)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"`adjacency` must be a square 0/1 matrix, got {adjacency!r}") from None
+    if a.is_complex() or (a.is_floating_point() and not bool(torch.isfinite(a).all())):
+        raise ValueError("`adjacency` must be a square 0/1 matrix of finite numbers")
+    a = (a != 0).to(torch.float64)
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"`adjacency` must be a square matrix, got shape {tuple(a.shape)}")
     a.fill_diagonal_(0)
@@ -86,20 +98,20 @@ def _strongly_connected(support: torch.Tensor) -> bool:
     n = support.shape[0]
     s = support.bool().clone()
     s.fill_diagonal_(True)
-    for mat in (s, s.T):
+    for cols in (s.T.contiguous(), s):  # cols[j]: the nodes j reaches (then: the nodes reaching j)
         seen = torch.zeros(n, dtype=torch.bool)
         seen[0] = True
-        for _ in range(n):
-            nxt = seen | mat[:, seen].any(1)
-            if torch.equal(nxt, seen):
-                break
-            seen = nxt
+        frontier = seen.clone()
+        while bool(frontier.any()):  # breadth-first: each node's column is read once, O(n^2) in all
+            reach = cols[frontier].any(0)
+            frontier = reach & ~seen
+            seen |= reach
         if not bool(seen.all()):
             return False
     return True
 
 
-def check_mixing_matrix(w: Any, *, name: str = "mixing matrix", connected: bool = True) -> torch.Tensor:
+def check_mixing_matrix(w: Any, *, name: str = "`w` (mixing matrix)", connected: bool = True) -> torch.Tensor:
     """Validate a gossip mixing matrix; returns it as float64.
 
     Raises:
@@ -113,9 +125,13 @@ def check_mixing_matrix(w: Any, *, name: str = "mixing matrix", connected: bool 
         >>> check_mixing_matrix([[0.9, 0.2], [0.1, 0.8]])
         Traceback (most recent call last):
         ...
-        ValueError: mixing matrix is not doubly stochastic: column sums [1.0, 1.0] but row sums [1.1, 0.9] (all must be 1)
+        ValueError: `w` (mixing matrix) is not doubly stochastic: column sums [1.0, 1.0] but row sums [1.1, 0.9] (all must be 1)
     """
-    w = torch.as_tensor(w, dtype=torch.float64)
+    connected = check_bool("connected", connected)
+    try:
+        w = torch.as_tensor(w, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"{name} must be a square matrix of numbers, got {w!r}") from None
     if w.dim() != 2 or w.shape[0] != w.shape[1] or w.shape[0] < 1:
         raise ValueError(f"{name} must be a non-empty square matrix, got shape {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
@@ -163,12 +179,27 @@ class Topology:
         symmetric: bool = True,
     ) -> None:
         self.n = _check_n(n)
+        if not callable(matrix_fn):
+            raise ValueError(f"`matrix_fn` must be a callable round -> mixing matrix, got {matrix_fn!r}")
         self._matrix_fn = matrix_fn
-        self.name = name
-        self.period = period
-        self.symmetric = symmetric
+        self.name = check_str("name", name)
+        self.period = check_int("period", period, low=1, allow_none=True)
+        self.symmetric = check_bool("symmetric", symmetric)
         self._cache: dict[int, torch.Tensor] = {}
         self._gap: float | None = None
+        self._check_first_matrix()
+
+    def _check_first_matrix(self) -> None:
+        """Refuse a ``matrix_fn`` whose ``W(0)`` is not an ``n x n`` doubly stochastic matrix (later
+        rounds are checked where they are used: the strategy checks each matrix it gossips with)."""
+        try:
+            w = check_mixing_matrix(self.matrix(0), name="`matrix_fn`(0)", connected=False)
+        except ValueError:
+            raise
+        except Exception as err:  # the user's callable failed
+            raise ValueError(f"`matrix_fn`(0) failed: {type(err).__name__}: {err}") from err
+        if tuple(w.shape) != (self.n, self.n):
+            raise ValueError(f"`matrix_fn`(0) must be `n` x `n` = {self.n} x {self.n}, got {tuple(w.shape)}")
 
     @property
     def time_varying(self) -> bool:
@@ -316,9 +347,10 @@ def random_matching(n: int, seed: int = 0) -> Topology:
         [1, 1, 1, 1]
     """
     n = _check_n(n)
+    seed = check_seed("seed", seed)
 
     def matrix(t: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(t) * 7919 + 29)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + int(t) * 7919 + 29) % 2**64)
         perm = torch.randperm(n, generator=gen).tolist()
         w = torch.eye(n, dtype=torch.float64)
         for a, b in zip(perm[0::2], perm[1::2]):
@@ -355,15 +387,18 @@ def from_matrix(w: Any) -> Topology:
         try:
             t = torch.as_tensor(w, dtype=torch.float64)
         except (ValueError, TypeError):  # a ragged list: matrices of different sizes
-            raise ValueError("`from_matrix`: the matrices must all be n x n for one n") from None
+            raise ValueError("`topology` (from_matrix): the matrices must all be n x n for one n") from None
         mats = list(t) if t.dim() == 3 else [t]
-    mats = [check_mixing_matrix(m, name=f"mixing matrix {k}", connected=False) for k, m in enumerate(mats)]
+    mats = [
+        check_mixing_matrix(m, name=f"`topology` (mixing matrix {k})", connected=False)
+        for k, m in enumerate(mats)
+    ]
     if len({m.shape for m in mats}) != 1:
-        raise ValueError("`from_matrix`: the matrices must all be n x n for one n")
+        raise ValueError("`topology` (from_matrix): the matrices must all be n x n for one n")
     support = torch.stack(mats).sum(0)
     if not _strongly_connected(support > 0):
         raise ValueError(
-            "mixing matrix: the graph is not connected (some replicas never exchange information)"
+            "`topology` (mixing matrix): the graph is not connected (some replicas never exchange information)"
         )
     sym = all(torch.allclose(m, m.T, atol=_TOL) for m in mats)
     return Topology(
@@ -400,6 +435,7 @@ def make_topology(spec: str | Topology | Any, n: int, *, seed: int = 0) -> Topol
         ValueError: `topology` ring(8) needs 8 replicas but there are 4
     """
     n = _check_n(n)
+    seed = check_seed("seed", seed)
     if isinstance(spec, str):
         if spec not in TOPOLOGIES:
             raise ValueError(f"`topology` must be one of {sorted(TOPOLOGIES)} or a Topology, got {spec!r}")

@@ -173,7 +173,7 @@ def test_nan_replica_is_excluded_and_reset(tmp_path):
         ({"outer_optimizer": "NoSuchOptimizer"}, "outer_optimizer"),
         ({"outer_optimizer": lambda params: object()}, "outer_optimizer"),
         ({"outer_optimizer": torch.nn.Linear}, "outer_optimizer"),
-        ({"outer_kwargs": {"lr": -1.0}}, "outer_optimizer"),
+        ({"outer_kwargs": {"lr": -1.0}}, "outer_kwargs"),
         ({"sync_every": 4, "fragments": 5}, "fragments"),
         ({"sync_every": 8, "fragments": 2, "fragment_layout": "by_size"}, "fragment_layout"),
         ({"sync_every": True}, "sync_every"),

@@ -171,7 +171,7 @@ def test_trimmed_mean_full_topology_with_a_byzantine_replica(tmp_path):
         ({"topology": "star"}, "topology"),
         ({"topology": [[0.9, 0.2], [0.1, 0.8]]}, "doubly stochastic"),
         ({"topology": [[1.0, 0.0], [0.0, 1.0]]}, "not connected"),
-        ({"gossip_every": 0}, "sync_every"),
+        ({"gossip_every": 0}, "gossip_every"),
         ({"gossip_steps": 0}, "gossip_steps"),
         ({"merge": "avg"}, "merge"),
         ({"merge": "ties"}, "merge"),

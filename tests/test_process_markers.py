@@ -43,6 +43,7 @@ PROCESS_MODULES = {
     "test_trust",
 }
 SINGLE_PROCESS_MODULES = {
+    "test_fuzz_arguments",
     "test_project",
     "test_compression",
     "test_dimat",

@@ -97,7 +97,7 @@ def test_sizes_are_checked_integers():
     import numpy as np
 
     for bad in (0, True, 2.0, "4"):
-        with pytest.raises(ValueError, match="`n` must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"`n` must be an integer in \[1, 4096\]"):
             tp.ring(bad)
     with pytest.raises(ValueError, match="`rows` must be an integer >= 1"):
         tp.torus(4, rows=True)

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_int
+from lightning_fedopt._validate import (
+    check_bool,
+    check_choice,
+    check_finite_values,
+    check_int,
+    check_seed,
+    check_str,
+)
 from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
@@ -139,14 +146,16 @@ class Curriculum(Callback):
         rescore_every = check_int("rescore_every", rescore_every, low=1, allow_none=True)
         if score_by == "given":
             if scores is None:
-                raise ValueError("`score_by='given'` needs `scores=` (one score per training sample)")
-            scores = torch.as_tensor(np.asarray(scores), dtype=torch.float64).flatten()
+                raise ValueError(
+                    "`score_by='given'` needs `scores` (pass scores=, one score per training sample)"
+                )
+            scores = check_finite_values("scores", scores)
             if rescore_every is not None:
                 raise ValueError(
                     "`rescore_every` has no meaning with `score_by='given'` (the scores are fixed)"
                 )
         elif scores is not None:
-            raise ValueError(f"`scores=` is only used with `score_by='given'`, not {score_by!r}")
+            raise ValueError(f"`scores` is only used with `score_by='given'`, not {score_by!r}")
         if score_by == "reference" and not isinstance(reference, nn.Module):
             raise ValueError("`score_by='reference'` needs `reference=` (a torch.nn.Module)")
         self.score_by, self.ordering = score_by, ordering
@@ -156,9 +165,9 @@ class Curriculum(Callback):
         self.score_fn = score_fn
         self.total_steps = check_int("total_steps", total_steps, low=1, allow_none=True)
         self.batch_size = check_int("batch_size", batch_size, low=1)
-        self.seed = int(seed)
-        self.progress_bar = progress_bar
-        self.prefix = prefix
+        self.seed = check_seed("seed", seed)
+        self.progress_bar = check_bool("progress_bar", progress_bar)
+        self.prefix = check_str("prefix", prefix)
         self.history: list[dict[str, float]] = []
         self._reset()
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_float, check_int
+from lightning_fedopt._validate import check_float, check_int, check_str
 from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
@@ -30,6 +30,9 @@ def select_hard_batches(losses: torch.Tensor, keep: int) -> torch.Tensor:
         >>> select_hard_batches(torch.tensor([0.2, 0.9, 0.5, 0.9]), 2).tolist()
         [1, 3]
     """
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"`losses` must be a non-empty 1-D tensor, got {losses!r}")
+    keep = check_int("keep", keep, low=1, high=losses.numel())
     order = torch.sort(-losses.to(torch.float64), stable=True).indices
     return torch.sort(order[:keep]).values
 
@@ -77,7 +80,7 @@ class HardBatchSelection(Callback):
         self.fraction = check_float("fraction", fraction, low=0, high=1, low_open=True)
         self.keep = max(1, math.ceil(self.fraction * self.pool - 1e-9))
         self.score_fn = score_fn
-        self.prefix = prefix
+        self.prefix = check_str("prefix", prefix)
         self.extra_forward_samples = 0
         self.trained_samples = 0
         self.extra_forward_seconds = 0.0

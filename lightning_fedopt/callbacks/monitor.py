@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_int
+from lightning_fedopt._validate import check_bool, check_int, check_str
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = ["CommunicationMonitor"]
@@ -48,8 +48,8 @@ class CommunicationMonitor(Callback):
     def __init__(
         self, prefix: str = "comm/", consensus_distance: bool = True, log_every_n_steps: int | None = None
     ) -> None:
-        self.prefix = prefix
-        self.consensus_distance = consensus_distance
+        self.prefix = check_str("prefix", prefix)
+        self.consensus_distance = check_bool("consensus_distance", consensus_distance)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
         self.history: list[dict[str, float]] = []
         self._last_sync_count = 0

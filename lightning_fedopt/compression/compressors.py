@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_float
+from lightning_fedopt._validate import check_bool, check_choice, check_float, check_seed
 from lightning_fedopt.compression import kernels
 from lightning_fedopt.compression.base import Compressor, Payload, check_block, check_unit, stable_seed
 from lightning_fedopt.compression.topk import TopK
@@ -38,7 +38,7 @@ class _Cast(Compressor):
 
     def __init__(self, error_feedback: bool = False) -> None:
         super().__init__()
-        self.error_feedback = bool(error_feedback)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
 
     @override
     def _repr_args(self) -> dict[str, Any]:
@@ -106,8 +106,8 @@ class _Blockwise(Compressor):
         super().__init__()
         self.block = check_block(block)
         self.rounding = check_choice("rounding", rounding, _ROUNDING)
-        self.error_feedback = bool(error_feedback)
-        self.seed = int(seed)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
+        self.seed = check_seed("seed", seed)
 
     @override
     def _repr_args(self) -> dict[str, Any]:
@@ -200,7 +200,7 @@ class Sign(Compressor):
 
     def __init__(self, error_feedback: bool = True) -> None:
         super().__init__()
-        self.error_feedback = bool(error_feedback)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
 
     @override
     def _repr_args(self) -> dict[str, Any]:
@@ -329,7 +329,7 @@ class RandomProjection(Compressor):
     def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
         super().__init__()
         self.ratio = check_unit("ratio", ratio)
-        self.seed = int(seed)
+        self.seed = check_seed("seed", seed)
 
     @override
     def _repr_args(self) -> dict[str, Any]:

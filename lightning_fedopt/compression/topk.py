@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_float, check_int
+from lightning_fedopt._validate import check_bool, check_float, check_int, check_seed
 from lightning_fedopt.compression import kernels
 from lightning_fedopt.compression.base import Compressor, Payload, check_unit, stable_seed
 
@@ -80,12 +80,16 @@ class TopK(Compressor):
         self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.clip_norm = check_float("clip_norm", clip_norm, low=0.0, low_open=True, allow_none=True)
         self.sample_fraction = check_unit("sample_fraction", sample_fraction)
-        if any(not _in_unit(d) for d in warmup_densities):
-            raise ValueError(f"`warmup_densities` must each be in (0, 1], got {list(warmup_densities)!r}")
-        self.warmup_densities = tuple(float(d) for d in warmup_densities)
+        if isinstance(warmup_densities, (str, bytes)) or not isinstance(warmup_densities, Sequence):
+            raise ValueError(
+                f"`warmup_densities` must be a sequence of numbers in (0, 1], got {warmup_densities!r}"
+            )
+        self.warmup_densities = tuple(
+            check_unit(f"warmup_densities[{i}]", d) for i, d in enumerate(warmup_densities)
+        )
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.error_feedback = bool(error_feedback)
-        self.seed = int(seed)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
+        self.seed = check_seed("seed", seed)
 
     @override
     def _repr_args(self) -> dict[str, Any]:

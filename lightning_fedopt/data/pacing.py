@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_choice, check_float, check_int, check_seed
 
 __all__ = [
     "ORDERINGS",
@@ -121,7 +121,10 @@ def order_by_scores(
         ([1, 0, 3, 2], [2, 3, 0, 1])
     """
     check_choice("ordering", ordering, ORDERINGS)
-    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"`scores` must be a tensor or sequence of numbers, got {scores!r}") from None
     if ordering == "random":
         return torch.randperm(len(scores), generator=generator)
     key = scores if ordering == "curriculum" else -scores
@@ -162,10 +165,10 @@ class ReplicaSelection:
     ) -> None:
         self.ordering = check_choice("ordering", ordering, ORDERINGS)
         self.pacing = pacing if isinstance(pacing, Pacing) else Pacing(pacing, a=a, b=b)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
 
     def _generator(self, round_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(round_index) * 7919 + 29)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + int(round_index) * 7919 + 29) % 2**64)
 
     def eligible(
         self, losses: Sequence[float], k: int, round_index: int, step: int, total_steps: int

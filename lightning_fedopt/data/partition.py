@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_choice, check_float, check_int, check_seed
 
 __all__ = [
     "IID",
@@ -47,12 +47,18 @@ def as_labels(labels: Any) -> np.ndarray:
     """``labels`` (a sequence, NumPy array or tensor of integer class labels) as a 1-D int64 array."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
+    try:
+        arr = np.asarray(labels)
+    except (TypeError, ValueError):  # a ragged nesting
+        raise ValueError(f"`labels` must be one integer label per sample (1-D), got {labels!r}") from None
     if arr.ndim != 1:
         raise ValueError(f"`labels` must be one integer label per sample (1-D), got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
+        kind_ok = np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_
+        if not kind_ok or not np.all(np.isfinite(arr)) or not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError("`labels` must be integer class labels")
+        if np.abs(arr).max() >= 2**63:
+            raise ValueError("`labels` must be integer class labels that fit int64")
     return arr.astype(np.int64)
 
 
@@ -147,7 +153,7 @@ class Partitioner:
     needs_labels = True
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
 
     def split(self, labels: Any, num_replicas: int) -> Partition:
         """Partition the samples described by ``labels`` (or a sample count) over ``num_replicas``."""
@@ -316,7 +322,7 @@ def get_partitioner(spec: str | Partitioner, **kwargs: Any) -> Partitioner:
         return spec
     if not isinstance(spec, str) or spec.lower() not in _NAMES:
         raise ValueError(
-            f"unknown partitioner {spec!r}; choose one of {sorted(_NAMES)} or pass a Partitioner"
+            f"`partition` must be a Partitioner or one of {sorted(_NAMES)}, got {spec!r} (unknown partitioner)"
         )
     try:
         return _NAMES[spec.lower()](**kwargs)

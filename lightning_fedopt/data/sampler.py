@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_int
+from lightning_fedopt._validate import check_bool, check_choice, check_int, check_seed
 from lightning_fedopt.data.pacing import Pacing
 from lightning_fedopt.data.partition import Partition, Partitioner, as_labels, get_partitioner
 
@@ -126,6 +126,8 @@ class PartitionSampler(DistributedSampler):
             )
         rank = check_int("rank", rank, low=0, high=partition.num_replicas - 1)
         batch_size = check_int("batch_size", batch_size, low=1)
+        shuffle = check_bool("shuffle", shuffle)
+        seed = check_seed("seed", seed)
         try:
             if isinstance(epoch_length, str):
                 check_choice("epoch_length", epoch_length, ("equal", "own"))
@@ -160,7 +162,8 @@ class PartitionSampler(DistributedSampler):
         self.num_batches = samples // batch_size
         if self.num_batches < 1:
             raise ValueError(
-                f"an epoch of {samples} samples holds no full batch of {batch_size}; lower `batch_size`"
+                f"an epoch of {samples} samples holds no full batch of {batch_size}; lower `batch_size` "
+                f"or raise `epoch_length`"
             )
         self.num_samples = self.total_size = self.num_batches * batch_size
         self._order: torch.Tensor | None = None  # curriculum: positions in `part`, first = first visible
@@ -384,8 +387,8 @@ def partition_dataloader(
     if trainer is not None:
         rank = trainer.global_rank if rank is None else rank
         num_replicas = trainer.world_size if num_replicas is None else num_replicas
-    rank = 0 if rank is None else rank
-    num_replicas = 1 if num_replicas is None else num_replicas
+    rank = check_int("rank", 0 if rank is None else rank, low=0)
+    num_replicas = check_int("num_replicas", 1 if num_replicas is None else num_replicas, low=1)
     if isinstance(partition, (Partitioner, str)):
         partitioner = get_partitioner(partition)
         if partitioner.needs_labels:

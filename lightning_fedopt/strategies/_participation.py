@@ -49,7 +49,7 @@ def choose_participants(
         >>> len(choose_participants(3, 10, 0.3))
         3
     """
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(round_index) * 7919 + 17)
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(round_index) * 7919 + 17) % 2**64)
     if isinstance(participation, (int, float)):
         if participation >= 1.0:
             return list(range(world_size))
@@ -88,9 +88,14 @@ def check_participation(
     if is_number:
         return check_float("participation", participation, low=0.0, high=1.0, low_open=True)
     if isinstance(participation, Sequence) and not isinstance(participation, str):
-        probs = [float(p) for p in participation]
-        if not probs or any(not (0.0 <= p <= 1.0) for p in probs):
-            raise ValueError(f"`participation` probabilities must each be in [0, 1], got {probs!r}")
+        probs = [
+            check_float(f"participation[{i}]", p, low=0.0, high=1.0) for i, p in enumerate(participation)
+        ]
+        if not any(p > 0 for p in probs):
+            # no replica could ever take part: the model would never change
+            raise ValueError(
+                f"`participation` probabilities must each be in [0, 1], at least one > 0, got {probs!r}"
+            )
         return probs
     raise ValueError(
         f"`participation` must be a number in (0, 1] or a sequence of probabilities, got {participation!r}"

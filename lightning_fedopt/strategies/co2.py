@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_float
 from lightning_fedopt.schedules import SyncSchedule
+from lightning_fedopt.strategies._outer import MAX_OUTER_LR
 from lightning_fedopt.strategies.diloco import DiLoCoStrategy
 
 __all__ = ["CO2OuterOptimizer", "CO2Strategy"]
@@ -78,7 +79,7 @@ class CO2OuterOptimizer(torch.optim.Optimizer):
         gap_penalty: float | str = 1.0,
         clip: float | None = None,
     ) -> None:
-        lr = check_float("outer_lr", lr, low=0.0, low_open=True)
+        lr = check_float("outer_lr", lr, low=0.0, low_open=True, high=MAX_OUTER_LR)
         momentum = check_float("outer_momentum", momentum, low=0.0, high=1.0, high_open=True)
         gap_penalty = _check_gap_penalty(gap_penalty)
         clip = check_float("clip", clip, low=0.0, low_open=True, allow_none=True)

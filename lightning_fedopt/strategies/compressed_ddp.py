@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lightning_fedopt._validate import check_bool
 from lightning_fedopt.comm import GradBucket
 from lightning_fedopt.compression import Compressor, OneBitAdam, Sign, TopK, get_compressor
 from lightning_fedopt.compression.collective import all_reduce_compressed
@@ -149,7 +150,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         **kwargs: Any,
     ) -> None:
         if preset is not None:
-            if preset not in _PRESETS:
+            if not isinstance(preset, str) or preset not in _PRESETS:
                 raise ValueError(f"`preset` must be one of {sorted(_PRESETS)}, got {preset!r}")
             opts = _PRESETS[preset]()  # a new compressor per strategy: no state shared between runs
             compressor = opts["compressor"]
@@ -159,7 +160,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
             raise ValueError("`compressor` must be a compressor or a name; use MeteredDDPStrategy for none")
         super().__init__(**kwargs)
         self.compressor: Compressor = comp
-        self.require_onebit_adam = bool(require_onebit_adam)
+        self.require_onebit_adam = check_bool("require_onebit_adam", require_onebit_adam)
         self._nonfinite_events: list[dict[str, int]] = []
         self._resume_shard: dict[str, Any] | None = None
         self._param_names: dict[int, str] = {}

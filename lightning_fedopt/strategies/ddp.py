@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
+from lightning_fedopt._validate import check_choice, check_str, check_timeout
 from lightning_fedopt.comm import Communicator, GradBucket, tensors_nbytes
 from lightning_fedopt.strategies._counted import CountedCollectives
 from lightning_fedopt.strategies._registry import register_name
@@ -44,6 +45,12 @@ class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
                 raise ValueError(
                     f"MeteredDDPStrategy: argument `{name}` is not supported (the strategy sets its own hook)"
                 )
+        if "timeout" in kwargs:
+            check_timeout("timeout", kwargs["timeout"])
+        if "start_method" in kwargs:
+            check_choice("start_method", kwargs["start_method"], ("popen", "spawn", "fork", "forkserver"))
+        if "process_group_backend" in kwargs:
+            check_str("process_group_backend", kwargs["process_group_backend"], allow_none=True)
         super().__init__(**kwargs)
         self.comm = Communicator()
         self._steps = 0

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies._fragments import (
     LAYOUTS,
@@ -149,7 +149,7 @@ class DiLoCoStrategy(ReplicaStrategy):
         self.sync_every = sync_every if isinstance(sync_every, int) else None
         self.fragments = fragments
         self.sync_delay = sync_delay
-        self.offload_global = bool(offload_global)
+        self.offload_global = check_bool("offload_global", offload_global)
         self.compressor = resolve_compressor(compressor)
         self._streaming = streaming
         #: ``phi``: the outer weights, one per tracked tensor (the same on every replica)
@@ -409,7 +409,7 @@ def _check_streaming(
     if not isinstance(sync_every, int):
         raise ValueError("`sync_every` must be an integer H when `fragments` > 1 or `sync_delay` > 0")
     if fragments > sync_every:
-        raise ValueError(f"`fragments` must be <= sync_every ({sync_every}), got {fragments}")
+        raise ValueError(f"`fragments` must be <= `sync_every` ({sync_every}), got {fragments}")
     period = sync_every // fragments
     if sync_delay >= period:
         raise ValueError(

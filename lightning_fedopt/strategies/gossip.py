@@ -50,7 +50,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._flat import flatten, group_by_dtype, unflatten
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_choice, check_float, check_int, check_seed, check_str
 from lightning_fedopt.compression import Compressor
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge, as_merge
 from lightning_fedopt.schedules import SyncSchedule
@@ -157,7 +157,10 @@ class GossipStrategy(ReplicaStrategy):
         self.sam_rho = check_float("sam_rho", sam_rho, low=0, low_open=True, allow_none=True)
         self.align = check_choice("align", align, (None, "dimat"))
         self.merge_from = check_float("merge_from", merge_from, low=0, high=1, low_open=True, allow_none=True)
-        self.topology_seed = check_int("topology_seed", topology_seed, low=0)
+        self.topology_seed = check_seed("topology_seed", topology_seed)
+        if not isinstance(gossip_every, SyncSchedule):
+            check_int("gossip_every", gossip_every, low=1)
+        align_module = check_str("align_module", align_module, allow_none=True)
         self.consensus_lr = check_float("consensus_lr", consensus_lr, low=0, high=1, low_open=True)
         self.compressor = choco_compressor(compressor) if compressor is not None else None
         if self.compressor is None and consensus_lr != 1:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int, check_seed
 from lightning_fedopt.compression import Compressor, get_compressor
 from lightning_fedopt.data.pacing import ReplicaSelection
 from lightning_fedopt.merging import Merge, as_merge
@@ -132,24 +132,27 @@ class LocalSGDStrategy(ReplicaStrategy):
         weighting = check_choice("weighting", weighting, _WEIGHTING)
         server_lr = check_float("server_lr", server_lr, low=0.0, low_open=True)
         fedau_cutoff = check_int("fedau_cutoff", fedau_cutoff, low=1, allow_none=True)
+        adaptive_weights = check_bool("adaptive_weights", adaptive_weights)
+        average_optimizer_state = check_bool("average_optimizer_state", average_optimizer_state)
+        participation_seed = check_seed("participation_seed", participation_seed)
         if adaptive_weights and weighting != "uniform":
             raise ValueError("`adaptive_weights=True` (FedAU) needs `weighting='uniform'`")
         self.merge = as_merge(merge)
         check_merge_options(
             self.merge,
             participation=participation != 1.0,
-            adaptive_weights=bool(adaptive_weights),
+            adaptive_weights=adaptive_weights,
             weighting=weighting != "uniform",
-            round_seconds=bool(kwargs.get("round_seconds")),
+            round_seconds=kwargs.get("round_seconds") is not None,
             compressor=self.compressor is not None,
         )
         super().__init__(sync_every, warmup_steps=warmup_steps, **kwargs)
         self.weighting = weighting
         self.count_samples = weighting == "samples"
-        self.average_optimizer_state = bool(average_optimizer_state)
+        self.average_optimizer_state = average_optimizer_state
         self.participation = participation
-        self.participation_seed = int(participation_seed)
-        self.adaptive_weights = bool(adaptive_weights)
+        self.participation_seed = participation_seed
+        self.adaptive_weights = adaptive_weights
         self.server_lr = server_lr
         self.fedau_cutoff = fedau_cutoff
         self.selection = selection

@@ -41,7 +41,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._flat import flatten, unflatten
-from lightning_fedopt._validate import check_float, check_int
+from lightning_fedopt._validate import check_float, check_int, check_seed
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.strategies.replica import ReplicaStrategy
@@ -62,7 +62,7 @@ def pair_groups(round_index: int, world_size: int, seed: int = 0) -> list[list[i
         >>> sorted(r for g in groups for r in g)
         [0, 1, 2, 3, 4]
     """
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(round_index) * 104_729 + 31)
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(round_index) * 104_729 + 31) % 2**64)
     perm = torch.randperm(world_size, generator=gen).tolist()
     groups = [sorted(perm[k : k + 2]) for k in range(0, world_size - 1, 2)]
     if world_size % 2:
@@ -118,7 +118,7 @@ class NoLoCoStrategy(ReplicaStrategy):
         super().__init__(sync_every, **kwargs)
         self.outer_lr = outer_lr
         self.outer_momentum = outer_momentum
-        self.seed = int(seed)
+        self.seed = check_seed("seed", seed)
         #: ``phi_i``: this replica's outer weights (they differ between replicas)
         self._outer_weights: list[Tensor] = []
         self._momentum: list[Tensor] = []

@@ -71,7 +71,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_choice, check_float, check_int
+from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int, check_timeout
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.schedules import SyncSchedule, as_schedule
 from lightning_fedopt.strategies._batchnorm import BatchNormStatistics
@@ -232,7 +232,7 @@ class ReplicaStrategy(
         check_choice("initial_sync", initial_sync, _INITIAL_SYNC)
         if bn_recalibration is None:
             bn_recalibration = self.default_bn_recalibration
-        bn_recalibration = check_int("bn_recalibration", bn_recalibration, low=0)
+        bn_recalibration = check_int("bn_recalibration", bn_recalibration, low=0, high=2**20)
         if bn_forward is not None and not callable(bn_forward):
             raise ValueError(f"`bn_forward` must be a callable (module, batch) -> Any, got {bn_forward!r}")
         super().__init__(
@@ -242,18 +242,18 @@ class ReplicaStrategy(
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=check_timeout("timeout", timeout),
             start_method=start_method,  # type: ignore[arg-type]
         )
         self.schedule: SyncSchedule = as_schedule(sync_every, warmup_steps)
         self.evaluate = evaluate
-        self.final_sync_enabled = bool(final_sync)
-        self.include_frozen = bool(include_frozen)
+        self.final_sync_enabled = check_bool("final_sync", final_sync)
+        self.include_frozen = check_bool("include_frozen", include_frozen)
         self.comm = Communicator()
         self.group_size = group_size
         self.round_seconds = round_seconds
         self.initial_sync = initial_sync
-        self.skip_unchanged_validation = bool(skip_unchanged_validation)
+        self.skip_unchanged_validation = check_bool("skip_unchanged_validation", skip_unchanged_validation)
         self.bn_recalibration = bn_recalibration
         self.bn_forward = bn_forward
         self._outer_comm: Communicator | None = None
