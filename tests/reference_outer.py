@@ -59,6 +59,7 @@ def reference_diloco(
     final_sync: bool = True,
     members: list[list[int]] | None = None,
     compress: Callable[[list[list[torch.Tensor]], list[str]], list[torch.Tensor]] | None = None,
+    nan_at: tuple[int, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """DiLoCo (fragments None) or streaming DiLoCo with the given fragments (lists of parameter
     indices in ``net.parameters()`` order). With ``members`` (hierarchical groups), replica ``k``
@@ -70,6 +71,11 @@ def reference_diloco(
     the outer optimizer of fragment ``p`` steps ``phi_p``; every replica's fragment becomes
     ``phi + alpha (theta - phi)``. The end of training applies a fragment still in flight, then
     takes one outer step of every fragment unless the replicas already hold the global weights.
+
+    ``nan_at`` (replica, step): that replica's weights become NaN after that step. A fragment's
+    mean is over the replicas whose fragment was finite when it launched; on apply, a replica that
+    was not finite then, or is not finite now anywhere, restarts from the outer weights of every
+    fragment (plain SGD: no optimizer state to clear).
     """
     nets, opts = make_replicas(n, optimizer, lr)
     who = members if members is not None else list(range(n))
@@ -83,20 +89,30 @@ def reference_diloco(
 
     names = [f"net.{k}" for k, _ in nets[0].named_parameters()]
 
-    def mean_delta(f: list[int]) -> list[torch.Tensor]:
+    def finite(r: int, idx: list[int]) -> bool:
+        return all(bool(torch.isfinite(params[r][i]).all()) for i in idx)
+
+    def mean_delta(f: list[int]) -> tuple[list[torch.Tensor], list[bool]]:
+        ok = [finite(r, f) for r in range(n)]
         if compress is not None:
             return compress(
                 [[phi[i] - params[r][i].detach() for i in f] for r in range(n)], [names[i] for i in f]
-            )
-        return [sum(phi[i] - params[r][i].detach() for r in range(n)) / n for i in f]
+            ), ok
+        good = [r for r in range(n) if ok[r]]
+        return [sum(phi[i] - params[r][i].detach() for r in good) / len(good) for i in f], ok
 
-    def apply(p: int, delta: list[torch.Tensor], a: float) -> None:
+    def apply(p: int, launched: tuple[list[torch.Tensor], list[bool]], a: float) -> None:
+        delta, ok = launched
         for i, d in zip(frags[p], delta):
             phi[i].grad = d.clone()
         outers[p].step()
         outers[p].zero_grad(set_to_none=True)
         with torch.no_grad():
             for r in range(n):
+                if not ok[r] or not finite(r, list(range(n_params))):
+                    for i in range(n_params):  # a poisoned replica restarts from phi everywhere
+                        params[r][i].copy_(phi[i])
+                    continue
                 for i in frags[p]:
                     params[r][i].copy_(phi[i] + a * (params[r][i] - phi[i]))
 
@@ -104,6 +120,10 @@ def reference_diloco(
     for step in range(steps):
         for r in range(n):
             local_step(nets[r], opts[r], who[r], step)
+            if nan_at is not None and (r, step) == tuple(nan_at):
+                with torch.no_grad():
+                    for p_ in params[r]:
+                        p_.fill_(float("nan"))
         at_global = False
         s = step + 1
         for p in list(pending):

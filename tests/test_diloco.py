@@ -289,8 +289,14 @@ def test_streaming_nan_replica_recovers_every_fragment(tmp_path):
         sync_every=4, fragments=2, fragment_layout="contiguous", sync_delay=1, mixing=0.5, final_sync=False
     )
     ranks = fit_fork(tmp_path, KnownBatchModule(nan_at=(1, 5)), strategy, max_steps=24)
+    # the reference leaves the poisoned replica out of each fragment's mean while it is NaN and
+    # restarts it from the outer weights of every fragment at the first apply that sees it
+    ref = reference_diloco(
+        2, 24, 4, fragments=[[0], [1, 2, 3]], delay=1, alpha=0.5, final_sync=False, nan_at=(1, 5)
+    )
     for r in range(2):
         assert all(torch.isfinite(v).all() for v in ranks[r]["state_dict"].values()), r
+        assert_close_state(ranks[r]["state_dict"], ref[r], atol=1e-5)
     resets = [e for e in ranks[1]["nonfinite_events"] if e["local"]]
     assert len(resets) == 1, ranks[1]["nonfinite_events"]
     # rank 0 sees the poisoned replica excluded at most at the syncs whose round was already
