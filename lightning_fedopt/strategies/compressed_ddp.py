@@ -262,6 +262,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
             return None
         return "momentum" if opts[0].next_step_frozen else "warmup"
 
+    @override
     def setup_optimizers(self, trainer: Any) -> None:
         super().setup_optimizers(trainer)
         opts = self._onebit_optimizers()
@@ -280,6 +281,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         """The module's name of parameter ``p`` (the key of its compressor state)."""
         return self._param_names.get(id(p), f"param@{id(p)}")
 
+    @override
     def _register_ddp_hooks(self) -> None:
         module = self.lightning_module
         assert module is not None
