@@ -18,25 +18,22 @@ order (:mod:`~lightning_fedopt.merging`), so the result does not depend on arriv
 "A Single Merging Suffices" (arXiv 2507.06542): gossip sparsely (a sparse topology, a large
 ``gossip_every``), and merge globally once at the end (``final_sync=True``, the default) or at every
 round from a fraction ``merge_from`` of training on (the paper's "truncate" schedule). Global merges
-and the consensus model used for validation are the only collectives (an all-reduce for the mean,
-an all-gather for the other operators); gossip rounds are point-to-point only.
+and the consensus model used for validation are the only collectives that carry models (an
+all-reduce for the mean, an all-gather otherwise); gossip rounds send models point-to-point only
+(each round meets the others in the 16-byte step/stop-flag check of every replica strategy).
 
 NaN/Inf: a neighbour whose model is not finite is left out of the merge (the weights of the
 others are renormalised); a replica whose own model is not finite is reset to the merge of its
 finite neighbours, its optimizer state cleared, and the event reported.
 
 Compressed gossip (``compressor=``) is CHOCO-gossip (:mod:`lightning_fedopt.strategies._choco`):
-only compressed differences to public copies travel. Global merges (``merge_from``, the final
-merge) are exact, and every copy restarts from the merged model. DIMAT alignment (``align=``) is
-:mod:`lightning_fedopt.strategies._gossip_align`.
+only compressed differences to public copies travel; global merges are exact and every copy
+restarts from the merged model. DIMAT alignment (``align=``): ``strategies/_gossip_align.py``.
 
 Hierarchical training (``group_size=g``): the gossip runs between the groups, over
-``outer_world_size`` replicas (the topology's size); rank ``j`` of a group exchanges with rank
-``j`` of its neighbour groups, so the members of a group, which all-reduce their gradients at
-every step, stay identical.
-
-Every message goes through one place, :meth:`GossipStrategy.gossip_exchange`, which encodes what
-is sent and decodes what is received.
+``outer_world_size`` replicas; rank ``j`` of a group exchanges with rank ``j`` of its neighbour
+groups, so the members of a group, which all-reduce their gradients every step, stay identical.
+Every message goes through :meth:`GossipStrategy.gossip_exchange` (encode, send, decode).
 """
 
 from __future__ import annotations
