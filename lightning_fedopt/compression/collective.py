@@ -101,6 +101,23 @@ class Scheme:
     def run(self, tensors: list[Tensor], names: list[str], valid: bool) -> tuple[list[Tensor], int]:
         raise NotImplementedError
 
+    def _payloads(
+        self, tensors: list[Tensor], names: list[str], valid: bool, dtype: torch.dtype | None = None
+    ) -> tuple[list[Payload], list[bool]]:
+        """Each tensor whole as a payload (zeros when this rank is not valid): compressed, or dense
+        in ``dtype`` (default: the tensor's own) where compressing would not shrink it; the bytes
+        are counted. Returns the payloads and which of them are dense."""
+        comp, rank, dev = self.compressor, self.comm.rank, tensors[0].device
+        dense = [not travels_compressed(comp, t.numel(), t.dtype) for t in tensors]
+        pays = []
+        for name, t, d in zip(names, tensors, dense):
+            dt = dtype or t.dtype
+            x = t.detach().reshape(-1).to(dt) if valid else torch.zeros(t.numel(), dtype=dt, device=dev)
+            pays.append(_dense(x, dt) if d else comp.compress(x.float(), name, salt=rank, check_finite=False))
+        self.raw += sum(t.numel() * t.element_size() for t in tensors)
+        self.compressed += sum(p.nbytes for p in pays)
+        return pays, dense
+
 
 @dataclass
 class _Pack:
@@ -187,17 +204,8 @@ class GatherScheme(Scheme):
 
     @override
     def run(self, tensors: list[Tensor], names: list[str], valid: bool) -> tuple[list[Tensor], int]:
-        comm, comp = self.comm, self.compressor
-        rank, dev = comm.rank, tensors[0].device
-        dense = [not travels_compressed(comp, t.numel(), t.dtype) for t in tensors]
-        pays = []
-        for name, t, d in zip(names, tensors, dense):
-            x = t.detach().reshape(-1) if valid else torch.zeros(t.numel(), dtype=t.dtype, device=dev)
-            pays.append(
-                _dense(x, t.dtype) if d else comp.compress(x.float(), name, salt=rank, check_finite=False)
-            )
-        self.raw += sum(t.numel() * t.element_size() for t in tensors)
-        self.compressed += sum(p.nbytes for p in pays)
+        comm, comp, dev = self.comm, self.compressor, tensors[0].device
+        pays, dense = self._payloads(tensors, names, valid)
         own = wire.encode(pays, int(valid), device=dev)
         received = [wire.decode(row, pays) for row in comm.all_gather(own, purpose=self.purpose).wait()]
         n_valid = sum(flag for flag, _ in received)
@@ -219,18 +227,10 @@ class LinearScheme(Scheme):
 
     @override
     def run(self, tensors: list[Tensor], names: list[str], valid: bool) -> tuple[list[Tensor], int]:
-        comm, comp = self.comm, self.compressor
-        rank, dev = comm.rank, tensors[0].device
-        dense = [not travels_compressed(comp, t.numel(), t.dtype) for t in tensors]
-        pays = []
-        for name, t, d in zip(names, tensors, dense):
-            x = t.detach().reshape(-1).float() if valid else torch.zeros(t.numel(), device=dev)
-            p = _dense(x, torch.float32) if d else comp.compress(x, name, salt=rank, check_finite=False)
-            if any(v.dtype != torch.float32 for v in p.tensors):
-                raise ValueError(f"{type(comp).__name__}: a linear payload must be float32")
-            pays.append(p)
-        self.raw += sum(t.numel() * t.element_size() for t in tensors)
-        self.compressed += sum(p.nbytes for p in pays)
+        comm, comp, dev = self.comm, self.compressor, tensors[0].device
+        pays, dense = self._payloads(tensors, names, valid, torch.float32)
+        if any(v.dtype != torch.float32 for p in pays for v in p.tensors):
+            raise ValueError(f"{type(comp).__name__}: a linear payload must be float32")
         buf = torch.cat(
             [*[v.reshape(-1) for p in pays for v in p.tensors], torch.tensor([float(valid)], device=dev)]
         )
