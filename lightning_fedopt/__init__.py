@@ -7,7 +7,7 @@ start methods, e.g. for notebooks).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_fedopt import callbacks, compression, data, merging, schedules, topology
+from lightning_fedopt import callbacks, compression, data, elastic, merging, schedules, topology
 from lightning_fedopt.comm import CommStats, Communicator
 from lightning_fedopt.merging import Merge
 from lightning_fedopt.schedules import Explicit, Increasing, LateBudget, Periodic, SyncSchedule
@@ -23,7 +23,9 @@ from lightning_fedopt.strategies import (
     ReplicaStrategy,
     StreamingDiLoCoStrategy,
 )
+from lightning_fedopt.strategies._liveness import ReplicaLostError
 from lightning_fedopt.strategies._registry import register_name
+from lightning_fedopt.strategies._rendezvous import ReplicasOutOfStepError
 from lightning_fedopt.topology import Topology
 
 __version__ = "0.1.0"
@@ -44,13 +46,16 @@ __all__ = [
     "MeteredDDPStrategy",
     "NoLoCoStrategy",
     "Periodic",
+    "ReplicaLostError",
     "ReplicaStrategy",
+    "ReplicasOutOfStepError",
     "StreamingDiLoCoStrategy",
     "SyncSchedule",
     "Topology",
     "callbacks",
     "compression",
     "data",
+    "elastic",
     "merging",
     "schedules",
     "topology",

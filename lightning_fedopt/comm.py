@@ -39,8 +39,10 @@ Every call carries a ``purpose`` label (``"setup"``, ``"sync"``, ``"consensus"``
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -55,12 +57,27 @@ __all__ = [
     "CommCounter",
     "CommStats",
     "Communicator",
+    "DistError",
+    "DistNetworkError",
+    "DistStoreError",
     "GradBucket",
     "Handle",
     "cost_model",
+    "default_tcp_store",
     "destroy_process_group",
+    "host_store",
+    "init_process_group_per_attempt",
+    "prefixed_store_client",
     "process_group_initialized",
 ]
+
+#: torch.distributed's errors (a failed collective, a store that cannot be reached, a store timeout)
+DistError = dist.DistError
+DistNetworkError = dist.DistNetworkError
+DistStoreError = dist.DistStoreError
+#: ``on_failure(exc, op, purpose)``: called with a collective's exception; raises the error to show
+#: instead, or returns to let ``exc`` propagate
+FailureHandler = Callable[[BaseException, str, str], None]
 
 #: DDP's gradient bucket (what a communication hook receives), re-exported so that hooks
 #: annotate with it without importing :mod:`torch.distributed` themselves
@@ -84,6 +101,51 @@ def destroy_process_group() -> None:
     """Destroy the default process group if there is one (a no-op otherwise)."""
     if process_group_initialized():
         dist.destroy_process_group()
+
+
+def default_tcp_store() -> Any:
+    """The ``TCPStore`` the default process group was created from (None without one, or when the
+    group came from another kind of store, e.g. a ``FileStore``)."""
+    if not process_group_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store if isinstance(store, dist.TCPStore) else None
+
+
+def prefixed_store_client(tcp: Any, prefix: str, timeout: timedelta) -> Any:
+    """A new client connection to the ``TCPStore`` ``tcp`` (its own socket, so a thread can use it),
+    whose keys live under ``prefix`` and whose operations give up after ``timeout``."""
+    client = dist.TCPStore(tcp.host, tcp.port, is_master=False, timeout=timeout, use_libuv=tcp.libuvBackend)
+    return dist.PrefixStore(prefix, client)
+
+
+def init_process_group_per_attempt(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+    """``init_process_group`` for a worker that ``torchrun``'s agent started with its own store
+    (``TORCHELASTIC_USE_AGENT_STORE=True``): the keys go under ``/worker/attempt_<restart count>/``.
+
+    torch (2.13) connects every attempt's workers to the agent's one store without a per-attempt
+    prefix, so after a restart gloo reads the previous attempt's addresses and fails with
+    ``connectFullMesh ... Connection refused``; a prefix per attempt avoids the stale keys.
+    """
+    import os
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"/worker/attempt_{attempt}/", client)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def host_store(host: str, port: int) -> Any:
+    """Host a ``TCPStore`` (multi-tenant, not waiting for clients) on ``host:port``; it lives as
+    long as the returned object."""
+    return dist.TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False)
 
 
 def cost_model(op: str, nbytes: int, world_size: int, *, is_source: bool = False) -> tuple[int, int]:
@@ -122,8 +184,10 @@ class Handle:
         op: str,
         purpose: str,
         cuda: bool,
+        guard: Callable[[str, str], contextlib.AbstractContextManager[None]] | None = None,
     ) -> None:
         self._works = list(works)
+        self._guard = guard
         self._finish = finish
         self._stats = stats
         self._op = op
@@ -141,8 +205,9 @@ class Handle:
         if self._done:
             return self._result
         t0 = time.perf_counter()
-        for w in self._works:
-            w.wait()
+        with self._guard(self._op, self._purpose) if self._guard is not None else contextlib.nullcontext():
+            for w in self._works:
+                w.wait()
         if self._cuda:
             torch.cuda.synchronize()
         self._result = self._finish() if self._finish is not None else None
@@ -169,9 +234,22 @@ class Communicator:
         0
     """
 
-    def __init__(self, group: Any | None = None, stats: CommStats | None = None) -> None:
+    def __init__(
+        self,
+        group: Any | None = None,
+        stats: CommStats | None = None,
+        *,
+        timeout: timedelta | None = None,
+        on_failure: FailureHandler | None = None,
+    ) -> None:
         self.group = group
         self.stats = stats if stats is not None else CommStats()
+        #: the deadline of every operation on :attr:`group` (None: the default group's timeout)
+        self.timeout = timeout
+        #: what a failed operation becomes (see :data:`FailureHandler`); inherited by :meth:`split`
+        self.on_failure = on_failure
+        #: set after a peer was lost: every later operation raises it at once, without the network
+        self.failed: BaseException | None = None
         #: uncompressed bytes (the tensors' own dtype) and compressed payload bytes that went
         #: through the compressed all-reduce on this rank (filled by
         #: :func:`lightning_fedopt.compression.collective.all_reduce_compressed`)
@@ -210,6 +288,30 @@ class Communicator:
         broadcast inside ``DistributedDataParallel``'s constructor), under the same cost model."""
         self._record(op, purpose, nbytes, seconds, is_source=is_source)
 
+    @contextlib.contextmanager
+    def _guarded(self, op: str, purpose: str) -> Iterator[None]:
+        """Around every call into :mod:`torch.distributed`: after a loss, fail at once; on an
+        exception, let :attr:`on_failure` turn it into the library's error."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            yield
+        except Exception as exc:
+            if self.on_failure is None:
+                raise
+            self.on_failure(exc, op, purpose)
+            raise
+
+    def with_deadline(self, seconds: float, on_failure: FailureHandler | None = None) -> Communicator:
+        """A communicator over a new process group of the same ranks whose operations time out
+        after ``seconds`` (the synchronisation deadline), counting into the same statistics.
+        Collective: every rank of the world calls it."""
+        timeout = timedelta(seconds=seconds)
+        if not self.available or self.group is not None:
+            return Communicator(self.group, self.stats, timeout=timeout, on_failure=on_failure)
+        group = dist.new_group(timeout=timeout)
+        return Communicator(group, self.stats, timeout=timeout, on_failure=on_failure)
+
     # ----------------------------------------------------------------- collectives
     def all_reduce(
         self,
@@ -236,7 +338,8 @@ class Communicator:
             group = [tensors[i] for i in idx]
             flat = flatten(group)
             self._record("all_reduce", purpose, flat.numel() * flat.element_size())
-            works.append(dist.all_reduce(flat, op=_REDUCE_OPS[op], group=self.group, async_op=True))
+            with self._guarded("all_reduce", purpose):
+                works.append(dist.all_reduce(flat, op=_REDUCE_OPS[op], group=self.group, async_op=True))
             pending.append((flat, group))
 
         def finish() -> None:
@@ -245,7 +348,7 @@ class Communicator:
                     flat.div_(n)
                 unflatten_into(flat, group)
 
-        handle = Handle(works, finish, self.stats, "all_reduce", purpose, tensors[0].is_cuda)
+        handle = Handle(works, finish, self.stats, "all_reduce", purpose, tensors[0].is_cuda, self._guarded)
         self.stats.add_seconds("all_reduce", purpose, time.perf_counter() - t0)  # the launch itself
         if not async_op:
             handle.wait()
@@ -261,7 +364,8 @@ class Communicator:
             fut.set_result(tensor)
             return fut
         self._record("all_reduce", purpose, tensor.numel() * tensor.element_size())
-        work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group, async_op=True)
+        with self._guarded("all_reduce", purpose):
+            work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group, async_op=True)
 
         def done(f: torch.futures.Future) -> Tensor:
             out = f.value()[0]
@@ -288,14 +392,17 @@ class Communicator:
             group = [tensors[i] for i in idx]
             flat = flatten(group)
             self._record("broadcast", purpose, flat.numel() * flat.element_size(), is_source=is_src)
-            works.append(dist.broadcast(flat, src=self._global_rank(src), group=self.group, async_op=True))
+            with self._guarded("broadcast", purpose):
+                works.append(
+                    dist.broadcast(flat, src=self._global_rank(src), group=self.group, async_op=True)
+                )
             pending.append((flat, group))
 
         def finish() -> None:
             for flat, group in pending:
                 unflatten_into(flat, group)
 
-        handle = Handle(works, finish, self.stats, "broadcast", purpose, tensors[0].is_cuda)
+        handle = Handle(works, finish, self.stats, "broadcast", purpose, tensors[0].is_cuda, self._guarded)
         self.stats.add_seconds("broadcast", purpose, time.perf_counter() - t0)
         if not async_op:
             handle.wait()
@@ -310,8 +417,9 @@ class Communicator:
             return h
         out = [torch.empty_like(tensor) for _ in range(n)]
         self._record("all_gather", purpose, tensor.numel() * tensor.element_size())
-        work = dist.all_gather(out, tensor.contiguous(), group=self.group, async_op=True)
-        handle = Handle([work], lambda: out, self.stats, "all_gather", purpose, tensor.is_cuda)
+        with self._guarded("all_gather", purpose):
+            work = dist.all_gather(out, tensor.contiguous(), group=self.group, async_op=True)
+        handle = Handle([work], lambda: out, self.stats, "all_gather", purpose, tensor.is_cuda, self._guarded)
         if not async_op:
             handle.wait()
         return handle
@@ -323,7 +431,8 @@ class Communicator:
             return send.clone()
         t0 = time.perf_counter()
         out = torch.empty_like(send)
-        dist.all_to_all_single(out, send.contiguous(), group=self.group)
+        with self._guarded("all_to_all", purpose):
+            dist.all_to_all_single(out, send.contiguous(), group=self.group)
         self._record("all_to_all", purpose, send.numel() * send.element_size(), time.perf_counter() - t0)
         return out
 
@@ -354,17 +463,19 @@ class Communicator:
             self._record("recv", purpose, t.numel() * t.element_size())
             ops.append(dist.P2POp(dist.irecv, t, self._global_rank(peer), group=self.group))
             cuda = cuda or t.is_cuda
-        works = dist.batch_isend_irecv(ops)
-        return Handle(works, None, self.stats, "p2p", purpose, cuda)
+        with self._guarded("p2p", purpose):
+            works = dist.batch_isend_irecv(ops)
+        return Handle(works, None, self.stats, "p2p", purpose, cuda, self._guarded)
 
     def barrier(self, *, purpose: str = "control", device_ids: list[int] | None = None) -> None:
         if not self.available or self.world_size == 1:
             return
         t0 = time.perf_counter()
-        if device_ids is not None and dist.get_backend(self.group) == "nccl":
-            dist.barrier(group=self.group, device_ids=device_ids)
-        else:
-            dist.barrier(group=self.group)
+        with self._guarded("barrier", purpose):
+            if device_ids is not None and dist.get_backend(self.group) == "nccl":
+                dist.barrier(group=self.group, device_ids=device_ids)
+            else:
+                dist.barrier(group=self.group)
         self.stats.record("barrier", purpose, 0, 0, 1, time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- sub-groups
@@ -379,10 +490,11 @@ class Communicator:
         if not self.available:
             return Communicator(stats=self.stats)
         flat = sorted(r for g in groups for r in g)
-        if flat != list(range(self.world_size)) or self.group is not None:
+        if flat != list(range(self.world_size)) or self.world_size != dist.get_world_size():
             raise ValueError(f"split: groups {groups} must partition the ranks of the world")
-        mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups])
-        return Communicator(group=mine, stats=self.stats)
+        mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups], timeout=self.timeout)
+        child = Communicator(group=mine, stats=self.stats, timeout=self.timeout, on_failure=self.on_failure)
+        return child
 
     @property
     def compression_ratio(self) -> float | None:

@@ -118,7 +118,7 @@ def _target(name: str, fn: Callable[..., Any], valid: dict[str, Any], *fuzz: str
 _R = (
     "sync_every", "warmup_steps", "evaluate", "final_sync", "include_frozen", "group_size",
     "round_seconds", "initial_sync", "skip_unchanged_validation", "bn_recalibration", "timeout",
-    "start_method",
+    "start_method", "sync_timeout", "elastic",
 )  # fmt: skip
 _target("ReplicaStrategy", strategies.ReplicaStrategy, {}, *_R)
 _target(
@@ -417,6 +417,8 @@ NOT_FUZZED = {
     "PartitionDataLoader": "built by partition_dataloader (fuzzed)",
     "all_reduce_compressed": "needs a live process group; multi-process tests cover it",
     "find_partition_sampler": "takes a Trainer",
+    "ReplicaLostError": "an exception the strategies raise (test_failures)",
+    "ReplicasOutOfStepError": "an exception the strategies raise (test_replica_shards / rendezvous tests)",
     "infer_labels": "takes any data set; refusal is tested in test_partition",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 from typing import Any
 
 import torch
@@ -10,7 +11,13 @@ from lightning.fabric.utilities.types import ReduceOp
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fedopt.comm import CommStats, Communicator, destroy_process_group, process_group_initialized
+from lightning_fedopt.comm import (
+    CommStats,
+    Communicator,
+    destroy_process_group,
+    init_process_group_per_attempt,
+    process_group_initialized,
+)
 
 __all__ = ["CountedCollectives"]
 
@@ -57,6 +64,16 @@ class CountedCollectives:
     def comm_stats(self) -> CommStats:
         """Bytes sent/received, rounds and seconds of this rank's traffic (see :mod:`~lightning_fedopt.comm`)."""
         return self.comm.stats
+
+    @override
+    def setup_distributed(self) -> None:
+        """Lightning's, except under ``torchrun``'s agent store: one store prefix per restart
+        attempt (see :func:`~lightning_fedopt.comm.init_process_group_per_attempt`)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not process_group_initialized():
+            self.set_world_ranks()  # type: ignore[attr-defined]
+            backend = self._get_process_group_backend()  # type: ignore[attr-defined]
+            init_process_group_per_attempt(backend, self.global_rank, self.world_size, self._timeout)  # type: ignore[attr-defined]
+        super().setup_distributed()  # type: ignore[misc]
 
     @override
     def setup_environment(self) -> None:

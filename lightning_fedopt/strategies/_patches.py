@@ -7,16 +7,16 @@
   Lightning broadcasts a SIGTERM flag from rank 0 before *every* training batch, which puts the
   replicas in lockstep and costs a network round trip per step; the strategy replaces it with one
   check before each synchronisation step, where the replicas meet anyway: a rendezvous that also
-  checks that every rank is at the same step (any rank's SIGTERM stops them all).
+  checks that every rank is at the same step (any rank's SIGTERM stops them all after that
+  synchronisation, see ``_faults``). Lightning's SIGTERM notifier, which broadcasts inside the
+  signal handler, is replaced by one that only records the signal.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_fedopt.strategies._rendezvous import SYNC
@@ -56,6 +56,8 @@ class LoopPatches:
         if module is not None and not module.automatic_optimization and self._hooks not in trainer.callbacks:
             trainer.callbacks.insert(0, self._hooks)
         self._patch_sigterm_check(trainer)
+        self._patch_signals(trainer)  # type: ignore[attr-defined]
+        self._install_sync_points(trainer)  # type: ignore[attr-defined]
         self._patch_validation_check(trainer)  # type: ignore[attr-defined]
 
     def _unpatch_loop(self) -> None:
@@ -65,6 +67,7 @@ class LoopPatches:
             if self._hooks in trainer.callbacks:
                 trainer.callbacks.remove(self._hooks)
             trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            self._unpatch_signals(trainer)  # type: ignore[attr-defined]
             trainer.fit_loop.epoch_loop.__dict__.pop("_should_check_val_fx", None)
 
     def _patch_sigterm_check(self, trainer: Trainer) -> None:
@@ -76,17 +79,15 @@ class LoopPatches:
             loop._broadcast_sigterm_tensor = self._sigterm_check  # instance attribute; removed in teardown
 
     def _sigterm_check(self) -> None:
-        """Before a synchronisation step: stop every rank if one received SIGTERM. The check is a
-        rendezvous carrying the step (:mod:`~lightning_fedopt.strategies._rendezvous`): ranks that fell
-        out of step raise a clear error here instead of waiting for each other until the timeout."""
+        """Before a synchronisation step: if one rank received SIGTERM, every rank learns it here and
+        stops after the synchronisation (``_faults``). The check is a rendezvous carrying the step
+        (:mod:`~lightning_fedopt.strategies._rendezvous`): ranks that fell out of step raise a clear
+        error here instead of waiting for each other until the timeout."""
         step = self._replica_step  # type: ignore[attr-defined]
         if not self.schedule.should_sync(step + 1):  # type: ignore[attr-defined]
             return
         if self._checked_step == step:  # type: ignore[has-type]
             return  # once per step (under manual optimization a batch need not step)
         self._checked_step = step
-        trainer = getattr(self.lightning_module, "_trainer", None)  # type: ignore[attr-defined]
-        if self.rendezvous(SYNC, sigterm=getattr(trainer, "received_sigterm", False)):  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                self.comm.barrier(purpose="control")  # type: ignore[attr-defined]
-            raise SIGTERMException()
+        if self.rendezvous(SYNC, sigterm=self._sigterm_received):  # type: ignore[attr-defined]
+            self._agree_to_stop()  # type: ignore[attr-defined]

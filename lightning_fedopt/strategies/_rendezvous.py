@@ -82,6 +82,7 @@ class StepCheck:
         """Meet the other ranks at ``point`` (one of :data:`POINTS`); returns whether any rank
         received SIGTERM. Raises :class:`ReplicasOutOfStepError` on every rank when they disagree."""
         step = int(self._replica_step)  # type: ignore[attr-defined]
+        self._arrive(f"the meeting of the ranks {POINTS.get(point, point)} after step {step}")  # type: ignore[attr-defined]
         dev = self.root_device  # type: ignore[attr-defined]
         key = 8 * step + point
         v = torch.tensor([2 * key + int(bool(sigterm)), -2 * key], dtype=torch.int64, device=dev)

@@ -162,7 +162,7 @@ class NoLoCoStrategy(ReplicaStrategy):
     def _sigterm_check(self) -> None:
         """Each rank acts on its own SIGTERM (a cluster signals every task); no broadcast."""
         trainer = getattr(self.lightning_module, "_trainer", None)
-        if getattr(trainer, "received_sigterm", False):
+        if getattr(trainer, "received_sigterm", False) or self._sigterm_received:
             raise SIGTERMException()
 
     # ---------------------------------------------------------------- the round

@@ -77,6 +77,7 @@ from lightning_fedopt.schedules import SyncSchedule, as_schedule
 from lightning_fedopt.strategies._batchnorm import BatchNormStatistics
 from lightning_fedopt.strategies._consensus import ConsensusEvaluation
 from lightning_fedopt.strategies._counted import CountedCollectives
+from lightning_fedopt.strategies._faults import Failures, SyncPointCheckpoints
 from lightning_fedopt.strategies._finish import FitEnd
 from lightning_fedopt.strategies._groups import ReplicaGroups
 from lightning_fedopt.strategies._handshake import agreement_fields, check_agreement
@@ -108,6 +109,7 @@ class ReplicaStrategy(
     ReplicaState,
     FitEnd,
     BatchNormStatistics,
+    Failures,
     StepCheck,
     ShardedCheckpoints,
     ConsensusEvaluation,
@@ -159,6 +161,15 @@ class ReplicaStrategy(
             consensus model has not changed since the last validation (DiLoCo and CO2 change it at
             outer steps only): it would score the same model again, and ``EarlyStopping`` would
             count the repeat as "no improvement". A warning says so the first time.
+        sync_timeout: seconds, the deadline of the synchronisation traffic (> 0, at most a day).
+            A peer that died, or stopped answering (no heartbeat) for this long, raises
+            :class:`~lightning_fedopt.ReplicaLostError` on every survivor naming it, the step and
+            the synchronisation. A long compute phase between synchronisations is not timed: a rank
+            waits for a slower peer as long as the peer's heartbeat lives. See ``_faults``.
+        elastic: for ``torchrun``'s elastic agent (``--nnodes=MIN:MAX --max-restarts=K``): write a
+            checkpoint at every synchronisation point to ``<default_root_dir>/elastic/<run id>/`` and,
+            when the agent (re)starts the workers after a failure or a join, resume from the latest
+            one by itself at the new world size. Needs a folder every rank sees.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy``
             (``start_method`` is ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``).
@@ -206,6 +217,8 @@ class ReplicaStrategy(
         skip_unchanged_validation: bool = True,
         bn_recalibration: int | None = None,
         bn_forward: Callable[[Any, Any], Any] | None = None,
+        sync_timeout: float = 30.0,
+        elastic: bool = False,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -256,6 +269,14 @@ class ReplicaStrategy(
         self.skip_unchanged_validation = check_bool("skip_unchanged_validation", skip_unchanged_validation)
         self.bn_recalibration = bn_recalibration
         self.bn_forward = bn_forward
+        self.sync_timeout = check_float("sync_timeout", sync_timeout, low=0, low_open=True, high=86400.0)
+        self.elastic = check_bool("elastic", elastic)
+        self._liveness = None
+        self._sync_points = SyncPointCheckpoints(self)
+        self._sigterm_received = False
+        self._preempt = False
+        self._saved_sync = 0
+        self._elastic_kept = []
         self._outer_comm: Communicator | None = None
         self._inner_comm: Communicator | None = None
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
@@ -367,6 +388,7 @@ class ReplicaStrategy(
     def configure_ddp(self) -> None:
         """No DDP wrapper: check that every rank runs the same configuration on the same model
         structure (the start-up handshake), make the replicas identical, set up the algorithm."""
+        self._start_liveness()
         check_agreement(self.comm, agreement_fields(self), device=self.root_device)
         if self._resume_meta is None:
             # a new fit (not a resume) starts the algorithm afresh
@@ -387,7 +409,15 @@ class ReplicaStrategy(
         self._algorithm_ready = True
 
     @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None:
+            self._patch_resume(trainer)
+
+    @override
     def teardown(self) -> None:
+        self._stop_liveness()
         self._unpatch_loop()
         # a resume whose fit loop never ran (training already complete) must not leak into the next fit
         self._forget_resume()
