@@ -41,6 +41,7 @@ PROCESS_MODULES = {
     "test_replica_selection",
     "test_replica_shards",
     "test_trust",
+    "test_failures",
 }
 SINGLE_PROCESS_MODULES = {
     "test_fuzz_arguments",
