@@ -56,7 +56,13 @@ def _run(out: Path, *, torchrun: bool = False, limit: float = 150, **env: Any) -
         port = _free_port()
         cmds = [[sys.executable, str(WORKER)]] * 3
         envs = [
-            {**base, "NODE_RANK": str(r), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            {
+                **base,
+                "NODE_RANK": str(r),
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             for r in range(3)
         ]
     procs = []
@@ -64,7 +70,9 @@ def _run(out: Path, *, torchrun: bool = False, limit: float = 150, **env: Any) -
     try:
         for i, (cmd, e) in enumerate(zip(cmds, envs)):
             with open(out / f"log{i}.txt", "w") as log:
-                procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                procs.append(
+                    subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                )
         codes = []
         for p in procs:
             if env.get("FT_MODE") == "stop" and procs.index(p) == env.get("FT_VICTIM"):
@@ -86,7 +94,11 @@ def _log(out: Path) -> str:
 
 
 def _ranks(out: Path, n: int = 3) -> dict[int, dict[str, Any]]:
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(n) if (out / f"rank{r}.json").exists()}
+    return {
+        r: json.loads((out / f"rank{r}.json").read_text())
+        for r in range(n)
+        if (out / f"rank{r}.json").exists()
+    }
 
 
 def _injected(out: Path) -> dict[str, Any]:
@@ -151,7 +163,9 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exac
     assert all(res["type"] == "SIGTERMException" and res["step"] == 8 for res in ranks.values()), ranks
     assert time.time() - t0 < 150
     checkpoint = pre / "hpc_ckpt_1.ckpt"
-    assert checkpoint.exists() and all((pre / f"hpc_ckpt_1.ckpt.replicas/rank{r}.pt").exists() for r in range(3))
+    assert checkpoint.exists() and all(
+        (pre / f"hpc_ckpt_1.ckpt.replicas/rank{r}.pt").exists() for r in range(3)
+    )
 
     # a later start resumes from it (Lightning's ckpt_path="hpc") and ends where the straight run ended
     (pre / "events.jsonl").unlink()
@@ -162,8 +176,10 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exac
     assert [resumed[r]["digest"] for r in range(3)] == [want[r]["digest"] for r in range(3)]
 
 
-@pytest.mark.parametrize("strategy", ["local_sgd", "diloco"])
-def test_elastic_run_survives_a_killed_replica_and_matches_the_uninterrupted_run(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("strategy", ["local_sgd", "diloco", "noloco", "gossip"])
+def test_elastic_run_survives_a_killed_replica_and_matches_the_uninterrupted_run(
+    tmp_path: Path, strategy: str
+) -> None:
     straight = tmp_path / "straight"
     assert _run(straight, torchrun=True, FT_STRATEGY=strategy, FT_ELASTIC=1, FT_MODE="none") == 0
     want = _ranks(straight)

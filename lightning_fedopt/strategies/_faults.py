@@ -130,6 +130,8 @@ class Failures:
             err = ReplicaLostError(ranks, int(self._replica_step), during, detail)  # type: ignore[attr-defined]
             for c in self._communicators():
                 c.failed = err
+            if self._liveness is not None:
+                self._liveness.announce_abort()
             self._stop_liveness()
             log.error("%s", err)
             return err

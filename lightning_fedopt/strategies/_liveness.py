@@ -134,6 +134,15 @@ class Liveness:
             self._thread = None
 
     # ------------------------------------------------------------------ who is gone
+    def announce_abort(self) -> None:
+        """Tell the others this rank is alive but giving up (after it found a peer lost), so that
+        its silence from now on is not mistaken for a loss."""
+        with contextlib.suppress(Exception):
+            self._store.set(f"abort/{self.rank}", b"1")
+
+    def _aborted(self, ranks: list[int]) -> set[int]:
+        return {r for r in ranks if self._store.check([f"abort/{r}"])}
+
     def _heartbeats(self) -> dict[int, int]:
         return {r: int(self._store.add(f"hb/{r}", 0)) for r in range(self.world_size) if r != self.rank}
 
@@ -151,7 +160,8 @@ class Liveness:
                 self._seen[r] = (value, now)
             elif now - last[1] >= self.stale_after:
                 lost.append(r)
-        return lost
+        aborted = self._aborted(lost) if lost else set()
+        return [r for r in lost if r not in aborted]
 
     def diagnose(self, candidates: list[int] | None = None, patience: float | None = None) -> list[int]:
         """Watch the heartbeats for up to ``patience`` seconds (default ``stale_after`` plus two

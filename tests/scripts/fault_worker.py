@@ -42,7 +42,9 @@ def _event(**kw: Any) -> None:
 class Inject(L.Callback):
     """At the end of step ``FT_AT`` on rank ``FT_VICTIM`` (first attempt only): the failure."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
         if trainer.global_rank != VICTIM or trainer.global_step != AT or ATTEMPT != "0" or MODE == "none":
             return
         _event(mode=MODE, rank=VICTIM, pid=os.getpid(), step=AT)
@@ -74,7 +76,9 @@ def _strategy() -> Any:
 
 
 def _digest(model: torch.nn.Module) -> str:
-    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    return hashlib.sha256(
+        b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
 
 
 def main() -> None:
