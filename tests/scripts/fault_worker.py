@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import lightning_fedopt as lf
 from tests.modules import KnownBatchModule
 
-OUT = os.environ["FT_OUT"]
+OUT = os.environ.get("FT_OUT", ".")
 MODE = os.environ.get("FT_MODE", "none")
 VICTIM = int(os.environ.get("FT_VICTIM", "-1"))
 AT = int(os.environ.get("FT_AT", "6"))
