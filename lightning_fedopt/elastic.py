@@ -14,7 +14,7 @@ the agents' rendezvous formed (see :mod:`lightning_fedopt.strategies._faults`)::
 
     # every site, with the rendezvous store on a host that outlives the sites:
     #   python -m lightning_fedopt.elastic store --port 29400        (on that host)
-    #   torchrun --nnodes=2:4 --nproc-per-node=8 --max-restarts=100 --rdzv-backend=c10d \\
+    #   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2:4 --nproc-per-node=8 --max-restarts=100 --rdzv-backend=c10d \\
     #       --rdzv-endpoint=<host>:29400 --rdzv-id=run42 --rdzv-conf is_host=false train.py
 """
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks._agents import Agents
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "fault_worker.py"
 TIMEOUT = 5.0  # the jobs' sync_timeout
@@ -196,3 +198,72 @@ def test_elastic_run_survives_a_killed_replica_and_matches_the_uninterrupted_run
     assert len({res["digest"] for res in got.values()}) == 1
     # the finished run removed its sync points
     assert not any((failed / "elastic").glob("*/latest.json"))
+
+
+def _agent_results(directory: Path) -> dict[int, dict[str, Any]]:
+    return {
+        int(p.stem.removeprefix("agent")): json.loads(p.read_text())
+        for p in (directory / "results").glob("agent*.json")
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["local_sgd", "diloco"])
+def test_a_node_that_joins_late_ends_identical_to_the_others(tmp_path: Path, strategy: str) -> None:
+    # torchrun agents, --nnodes=2:3: two nodes start; a third joins while they train. Every agent
+    # restarts its worker, the job resumes from the last sync point at world size 3, and the late
+    # replica starts from the consensus (not from its own fresh initialisation)
+    args = [
+        "--strategy",
+        strategy,
+        "--dir",
+        str(tmp_path),
+        "--steps",
+        "240",
+        "--val-every",
+        "48",
+        "--sync-every",
+        "8",
+        "--step-sleep",
+        "0.05",  # >= 11 s of training after the join starts: the job cannot end before the joiner arrives
+    ]
+    with Agents(
+        Path(ROOT / "benchmarks" / "_elastic_worker.py"), args, tmp_path, nodes=2, min_nodes=2, max_nodes=3
+    ) as job:
+        job.wait_for_step(16, timeout=120)
+        job.add_node()
+        codes = job.wait(timeout=240)
+    assert codes == [0, 0, 0], [job.log(i) for i in range(3)]
+    results = _agent_results(tmp_path)
+    assert sorted(results) == [0, 1, 2]
+    assert all(r["world_size"] == 3 and r["steps"] == 240 for r in results.values()), results
+    assert len({r["sha256"] for r in results.values()}) == 1
+
+
+@pytest.mark.multiprocess
+def test_a_lost_node_leaves_the_survivors_training(tmp_path: Path) -> None:
+    # the whole node (agent and worker) of agent 2 is killed: the survivors' next synchronisation
+    # raises ReplicaLostError, their agents re-form the job on 2 nodes, and it reaches max_steps
+    args = [
+        "--strategy",
+        "diloco",
+        "--dir",
+        str(tmp_path),
+        "--steps",
+        "96",
+        "--val-every",
+        "48",
+        "--sync-every",
+        "8",
+    ]
+    with Agents(
+        Path(ROOT / "benchmarks" / "_elastic_worker.py"), args, tmp_path, nodes=3, min_nodes=2, max_nodes=3
+    ) as job:
+        job.wait_for_step(20, timeout=120, every=True)
+        job.kill_node(2)
+        codes = job.wait(timeout=240)
+    assert codes[:2] == [0, 0], [job.log(i) for i in range(2)]
+    results = _agent_results(tmp_path)
+    survivors = {i: results[i] for i in (0, 1)}
+    assert all(r["world_size"] == 2 and r["steps"] == 96 for r in survivors.values()), survivors
+    assert len({r["sha256"] for r in survivors.values()}) == 1

@@ -67,9 +67,16 @@ class CountedCollectives:
 
     @override
     def setup_distributed(self) -> None:
-        """Lightning's, except under ``torchrun``'s agent store: one store prefix per restart
-        attempt (see :func:`~lightning_fedopt.comm.init_process_group_per_attempt`)."""
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not process_group_initialized():
+        """Lightning's, except under one ``torchrun`` agent sharing its store with the workers: one
+        store prefix per restart attempt (see :func:`~lightning_fedopt.comm.init_process_group_per_attempt`).
+        Several agents count restarts each on their own, so there the prefix cannot be agreed on;
+        ``elastic=True`` then asks for ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (``_faults``)."""
+        single_agent = os.environ.get("GROUP_WORLD_SIZE", "1") == "1"  # restart counts agree
+        if (
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and single_agent
+            and not process_group_initialized()
+        ):
             self.set_world_ranks()  # type: ignore[attr-defined]
             backend = self._get_process_group_backend()  # type: ignore[attr-defined]
             init_process_group_per_attempt(backend, self.global_rank, self.world_size, self._timeout)  # type: ignore[attr-defined]

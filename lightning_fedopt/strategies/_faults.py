@@ -22,7 +22,11 @@
   and point ``latest`` at it. When the agent (re)starts the workers, ``fit`` resumes from ``latest``
   by itself, at whatever world size the rendezvous formed: the same size restores every replica
   exactly; another size restarts every replica from the consensus (see ``_shards``). A successful
-  ``fit`` removes the folder, so a later job with the same run id starts afresh.
+  ``fit`` removes the folder, so a later job with the same run id starts afresh. The agent stops
+  workers with SIGTERM when a node joins or leaves: every rank then stops at the next
+  synchronisation, after its checkpoint; the ranks that were not signalled raise
+  :class:`PeerStoppedError` so that their agents restart them too (an exit status 0 would tell
+  their agents the run is over).
 """
 
 from __future__ import annotations
@@ -45,12 +49,25 @@ from lightning_fedopt.strategies._shards import remove_with_shard
 
 log = logging.getLogger("lightning_fedopt")
 
-__all__ = ["Failures", "ReplicaLostError", "SyncPointCheckpoints", "elastic_num_nodes"]
+__all__ = ["Failures", "PeerStoppedError", "ReplicaLostError", "SyncPointCheckpoints", "elastic_num_nodes"]
 
 #: the file in the elastic folder naming the latest complete sync-point checkpoint
 LATEST = "latest.json"
 #: sync-point checkpoints kept (the latest, and the one before in case the latest is being written)
 KEEP = 2
+
+
+class PeerStoppedError(RuntimeError):
+    """Under ``elastic=True``: another rank received SIGTERM; this one stops after the checkpoint of
+    the synchronisation point so that its agent restarts it into the next rendezvous."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(
+            f"lightning_fedopt: another rank received SIGTERM (torchrun's agent re-forming the job, or a "
+            f"preemption); the checkpoint of step {step} is written and this rank stops so that its agent "
+            "restarts it at the new world size"
+        )
 
 
 def elastic_num_nodes() -> int:
@@ -202,6 +219,11 @@ class Failures:
         if self.elastic and not done:
             self._save_sync_point(trainer)
         if self._preempt and not done:
+            if self.elastic and not self._sigterm_received:
+                # torchrun's agent stops workers with SIGTERM when the membership changes (a node
+                # joins or leaves): the ranks it did not signal must end in a failure, so that their
+                # agents restart them into the next rendezvous instead of taking the run as finished
+                raise PeerStoppedError(int(self._replica_step))  # type: ignore[attr-defined]
             if not self.elastic:
                 path = self.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))  # type: ignore[attr-defined]
                 trainer.save_checkpoint(path)
@@ -250,6 +272,16 @@ class Failures:
         self._elastic_kept: list[str] = []
         if not self.elastic or trainer.state.fn != "fit":
             return
+        if (
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("GROUP_WORLD_SIZE", "1") != "1"
+        ):
+            raise ValueError(
+                "`elastic=True` with several torchrun agents needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every "
+                "agent's environment: with torch's default the workers share the rank-0 agent's store, a restart "
+                "reads the previous attempt's addresses (every agent counts its restarts on its own) and losing "
+                "the rank-0 node takes the store with it; the job would hang at the restart instead of resuming"
+            )
         path = self.latest_sync_point(trainer)
         if path is None:
             return

@@ -68,7 +68,7 @@ class ReplicaLostError(RuntimeError):
 
 
 def _period(sync_timeout: float) -> float:
-    return min(1.0, max(0.05, sync_timeout / 10))
+    return min(0.5, max(0.05, sync_timeout / 10))
 
 
 class Liveness:
@@ -86,7 +86,7 @@ class Liveness:
         self.sync_timeout = float(sync_timeout)
         self.period = _period(self.sync_timeout)
         #: a rank whose heartbeat has not advanced for this long is lost
-        self.stale_after = min(self.sync_timeout, max(3.0, 5 * self.period))
+        self.stale_after = min(self.sync_timeout, max(3.0, 6 * self.period))
         self.prefix = prefix
         self._store = self._connect()
         self._beat_store = self._connect()
@@ -207,9 +207,9 @@ class Liveness:
             raise on_lost(self.store_host_ranks(), f"the rendezvous store is unreachable ({exc})") from None
 
     def store_host_ranks(self) -> list[int]:
-        """The ranks that die with the store: rank 0 under Lightning's launchers, none under torchrun
-        (its agent hosts the store)."""
-        return [] if os.environ.get("TORCHELASTIC_RUN_ID") else [0]
+        """The ranks that die with the store: rank 0 (Lightning's launchers, and ``torchrun`` with
+        ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), none when a ``torchrun`` agent hosts it."""
+        return [] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else [0]
 
     def explain(
         self, exc: BaseException, on_lost: Callable[[list[int], str], BaseException]
