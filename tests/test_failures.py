@@ -149,6 +149,17 @@ def test_a_pause_longer_than_the_deadline_between_syncs_is_not_a_failure(tmp_pat
     assert len({res["digest"] for res in ranks.values()}) == 1
 
 
+def test_sigterm_on_one_noloco_rank_stops_every_rank_after_the_same_sync(tmp_path: Path) -> None:
+    # NoLoCo has no global meeting point: the request goes through the store, every rank stops
+    # after the synchronisation two rounds ahead of the signalled rank's next one (steps 8 -> 16)
+    rc = _run(tmp_path, FT_STRATEGY="noloco", FT_MODE="sigterm", FT_VICTIM=1, FT_AT=5, FT_STEPS=24)
+    ranks = _ranks(tmp_path)
+    assert rc == 0, _log(tmp_path)
+    assert sorted(ranks) == [0, 1, 2]
+    assert all(res["type"] == "SIGTERMException" and res["step"] == 16 for res in ranks.values()), ranks
+    assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
+
+
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     assert _run(straight, FT_STRATEGY="diloco", FT_MODE="none") == 0

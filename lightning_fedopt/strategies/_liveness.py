@@ -134,6 +134,17 @@ class Liveness:
             self._thread = None
 
     # ------------------------------------------------------------------ who is gone
+    def request_stop(self, target: int) -> int:
+        """Ask every rank to stop after synchronisation ``target`` (for strategies without a global
+        meeting point, NoLoCo); the first request wins. Returns the agreed target."""
+        return int(self._store.compare_set("stop", "", str(int(target))))
+
+    def stop_target(self) -> int | None:
+        """The synchronisation after which every rank stops (None: no rank asked)."""
+        if self._store is None or not self._store.check(["stop"]):
+            return None
+        return int(self._store.get("stop"))
+
     def announce_abort(self) -> None:
         """Tell the others this rank is alive but giving up (after it found a peer lost), so that
         its silence from now on is not mistaken for a loss."""

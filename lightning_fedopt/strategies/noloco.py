@@ -19,9 +19,10 @@ same up to floating-point rounding (the tests check it against the formula as wr
 Buffers (BatchNorm statistics) are averaged within the group; the consensus's statistics are
 re-estimated for its weights when it is used (``bn_recalibration``, default 8 here, see
 :mod:`~lightning_fedopt.strategies._batchnorm`). Nothing is broadcast or all-reduced during
-training: Lightning's SIGTERM flag is checked on each rank by itself (so ranks that fall out of
-step, e.g. with uneven epochs, are caught at the next validation or the end of training only, by
-the rendezvous of :mod:`~lightning_fedopt.strategies._rendezvous`, not before a pair exchange).
+training: a SIGTERM on one rank travels through the rendezvous store (every rank stops after the
+same synchronisation, two rounds ahead, with a checkpoint), and ranks that fall out of step, e.g.
+with uneven epochs, are caught at the next validation or the end of training only, by the
+rendezvous of :mod:`~lightning_fedopt.strategies._rendezvous`, not before a pair exchange.
 Evaluation and the final model use the mean of all replicas (an all-reduce at those points only).
 
 No ``compressor=``: a pair's message is absolute state (the partner's model), and partners change
@@ -43,6 +44,7 @@ from typing_extensions import override
 from lightning_fedopt._flat import flatten, unflatten
 from lightning_fedopt._validate import check_float, check_int, check_seed
 from lightning_fedopt.schedules import SyncSchedule
+from lightning_fedopt.strategies._faults import PeerStoppedError
 from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
@@ -160,10 +162,28 @@ class NoLoCoStrategy(ReplicaStrategy):
     # ---------------------------------------------------------------- no broadcast between syncs
     @override
     def _sigterm_check(self) -> None:
-        """Each rank acts on its own SIGTERM (a cluster signals every task); no broadcast."""
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if getattr(trainer, "received_sigterm", False) or self._sigterm_received:
-            raise SIGTERMException()
+        """No global meeting point: a SIGTERM travels through the rendezvous store instead. The
+        signalled rank asks every rank to stop after the synchronisation two rounds ahead (the
+        replicas drift apart by less); before each synchronisation every rank reads the store (a
+        few bytes, no collective) and stops, with a checkpoint, after that one (``_faults``)."""
+        step = self._replica_step
+        if not self.schedule.should_sync(step + 1) or self._checked_step == step:
+            return
+        self._checked_step = step
+        live = self._liveness
+        if live is None or not live.available:  # one process, or no TCP store: each rank on its own
+            if self._sigterm_received:
+                raise SIGTERMException()
+            return
+        if self._sigterm_received:
+            live.request_stop(self._sync_count + 2)
+        target = live.stop_target()
+        if target is None:
+            return
+        if self._sync_count > target:  # already past it: cannot meet the others there
+            raise PeerStoppedError(step)
+        if self._sync_count == target:
+            self._agree_to_stop()
 
     # ---------------------------------------------------------------- the round
     def groups(self, round_index: int) -> list[list[int]]:
