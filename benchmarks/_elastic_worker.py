@@ -47,7 +47,7 @@ from typing_extensions import override
 
 import lightning_fedopt as lf
 from benchmarks._agents import ENV_AGENT, process_start_time, write_progress
-from benchmarks._worker import one_thread
+from benchmarks._worker import digits_trainer, one_thread
 from examples.digits import DigitsClassifier, DigitsDataModule
 
 __all__ = ["STRATEGIES", "FaultRecorder", "main", "make_strategy", "supports_elastic", "weights_sha256"]
@@ -226,22 +226,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     t0 = time.time()
     # digits_trainer's settings (benchmarks._worker), with checkpointing on for the ddp baseline
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        num_nodes=int(os.environ.get("WORLD_SIZE", "1")),
+    trainer = digits_trainer(
         strategy=make_strategy(args),
-        max_steps=args.steps,
-        val_check_interval=args.val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=ddp,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        devices=1,
+        steps=args.steps,
+        val_every=args.val_every,
         callbacks=callbacks,
-        default_root_dir=str(root),
+        root=str(root),
+        num_nodes=int(os.environ.get("WORLD_SIZE", "1")),
+        enable_checkpointing=ddp,
     )
     model = DigitsClassifier(hidden=args.hidden, lr=args.lr)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)

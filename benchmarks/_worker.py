@@ -68,12 +68,11 @@ def digits_trainer(
         num_sanity_val_steps=0,
         deterministic=True,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
         default_root_dir=root,
-        **kwargs,
+        **{"enable_checkpointing": False, **kwargs},
     )
 
 
