@@ -40,6 +40,7 @@ Every call carries a ``purpose`` label (``"setup"``, ``"sync"``, ``"consensus"``
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -132,8 +133,6 @@ def init_process_group_per_attempt(backend: str, rank: int, world_size: int, tim
     prefix, so after a restart gloo reads the previous attempt's addresses and fails with
     ``connectFullMesh ... Connection refused``; a prefix per attempt avoids the stale keys.
     """
-    import os
-
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
@@ -493,8 +492,7 @@ class Communicator:
         if flat != list(range(self.world_size)) or self.world_size != dist.get_world_size():
             raise ValueError(f"split: groups {groups} must partition the ranks of the world")
         mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups], timeout=self.timeout)
-        child = Communicator(group=mine, stats=self.stats, timeout=self.timeout, on_failure=self.on_failure)
-        return child
+        return Communicator(group=mine, stats=self.stats, timeout=self.timeout, on_failure=self.on_failure)
 
     @property
     def compression_ratio(self) -> float | None:

@@ -116,17 +116,13 @@ class Failures:
 
     # ------------------------------------------------------------------ deadline
     def _start_liveness(self) -> None:
-        """At the start of ``fit``: the deadline communicator (once per process) and the heartbeat."""
+        """At the start of ``fit`` (whose ``setup_environment`` made ``self.comm`` afresh): the
+        deadline communicator and the heartbeat."""
         close_quietly(self._liveness)
         self._liveness = None
-        comm = self.comm
-        if not comm.available or comm.world_size == 1:
+        if not self.comm.available or self.comm.world_size == 1:
             return
-        if comm.timeout is None:
-            self.comm = comm.with_deadline(self.sync_timeout, self._on_comm_failure)
-            comm = self.comm
-        comm.on_failure = self._on_comm_failure
-        comm.failed = None
+        comm = self.comm = self.comm.with_deadline(self.sync_timeout, self._on_comm_failure)
         nonce = comm.broadcast_object(secrets.token_hex(8) if comm.rank == 0 else None, purpose="setup")
         self._liveness = Liveness(
             self.global_rank,

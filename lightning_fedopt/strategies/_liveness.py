@@ -154,18 +154,17 @@ class Liveness:
     def _aborted(self, ranks: list[int]) -> set[int]:
         return {r for r in ranks if self._store.check([f"abort/{r}"])}
 
-    def _heartbeats(self) -> dict[int, int]:
-        return {r: int(self._store.add(f"hb/{r}", 0)) for r in range(self.world_size) if r != self.rank}
+    def _heartbeats(self, ranks: list[int]) -> dict[int, int]:
+        return {r: int(self._store.add(f"hb/{r}", 0)) for r in ranks if r != self.rank}
 
     def stale_ranks(self, candidates: list[int] | None = None) -> list[int]:
         """The ranks among ``candidates`` whose heartbeat has not advanced for ``stale_after``
         seconds by this rank's observation (one look; call it repeatedly)."""
         now = time.monotonic()
-        beats = self._heartbeats()
         lost = []
-        for r, value in beats.items():
-            if candidates is not None and r not in candidates:
-                continue
+        for r, value in self._heartbeats(
+            list(range(self.world_size)) if candidates is None else candidates
+        ).items():
             last = self._seen.get(r)
             if last is None or last[0] != value:
                 self._seen[r] = (value, now)

@@ -89,5 +89,10 @@ class LoopPatches:
         if self._checked_step == step:  # type: ignore[has-type]
             return  # once per step (under manual optimization a batch need not step)
         self._checked_step = step
+        self._stop_check()
+
+    def _stop_check(self) -> None:
+        """Whether to stop after the coming synchronisation: the rendezvous carries every rank's
+        SIGTERM flag (NoLoCo, without a global meeting point, overrides this)."""
         if self.rendezvous(SYNC, sigterm=self._sigterm_received):  # type: ignore[attr-defined]
             self._agree_to_stop()  # type: ignore[attr-defined]

@@ -161,15 +161,11 @@ class NoLoCoStrategy(ReplicaStrategy):
 
     # ---------------------------------------------------------------- no broadcast between syncs
     @override
-    def _sigterm_check(self) -> None:
+    def _stop_check(self) -> None:
         """No global meeting point: a SIGTERM travels through the rendezvous store instead. The
         signalled rank asks every rank to stop after the synchronisation two rounds ahead (the
         replicas drift apart by less); before each synchronisation every rank reads the store (a
         few bytes, no collective) and stops, with a checkpoint, after that one (``_faults``)."""
-        step = self._replica_step
-        if not self.schedule.should_sync(step + 1) or self._checked_step == step:
-            return
-        self._checked_step = step
         live = self._liveness
         if live is None or not live.available:  # one process, or no TCP store: each rank on its own
             if self._sigterm_received:
@@ -181,7 +177,7 @@ class NoLoCoStrategy(ReplicaStrategy):
         if target is None:
             return
         if self._sync_count > target:  # already past it: cannot meet the others there
-            raise PeerStoppedError(step)
+            raise PeerStoppedError(self._replica_step)
         if self._sync_count == target:
             self._agree_to_stop()
 
