@@ -1,0 +1,1 @@
+"""Fault tolerance: deadlines, preemption, elastic restarts and in-process recovery."""
