@@ -9,7 +9,10 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_fedopt import callbacks, compression, data, elastic, merging, schedules, topology
 from lightning_fedopt.comm import CommStats, Communicator
+from lightning_fedopt.fault_tolerance.liveness import ReplicaLostError
 from lightning_fedopt.merging import Merge
+from lightning_fedopt.runtime.meeting import ReplicasOutOfStepError
+from lightning_fedopt.runtime.registry import register_name
 from lightning_fedopt.schedules import Explicit, Increasing, LateBudget, Periodic, SyncSchedule
 from lightning_fedopt.strategies import (
     CO2Strategy,
@@ -23,9 +26,6 @@ from lightning_fedopt.strategies import (
     ReplicaStrategy,
     StreamingDiLoCoStrategy,
 )
-from lightning_fedopt.strategies._liveness import ReplicaLostError
-from lightning_fedopt.strategies._registry import register_name
-from lightning_fedopt.strategies._rendezvous import ReplicasOutOfStepError
 from lightning_fedopt.topology import Topology
 
 __version__ = "0.1.0"

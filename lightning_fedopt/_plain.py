@@ -24,15 +24,13 @@ from typing import Any
 
 import torch
 
+from lightning_fedopt.errors import PlainValueError
+
 __all__ = ["PlainValueError", "decode_plain", "encode_plain"]
 
 #: tensors above this many elements are refused (control messages are small)
 MAX_TENSOR_NUMEL = 1 << 16
 _DEPTH = 64
-
-
-class PlainValueError(ValueError):
-    """A value that cannot travel as a plain control message, or bytes that do not decode to one."""
 
 
 def _enc(obj: Any, depth: int) -> Any:

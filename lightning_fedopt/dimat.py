@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -183,9 +183,11 @@ def permute_hidden_units(
     for (start, stop), perm in zip(points, perms):
         perm = perm.to(torch.long)
         w = new[start]
-        w.weight.copy_(w.weight[perm])
-        if w.bias is not None:
-            w.bias.copy_(w.bias[perm])
+        weight = cast(Tensor, w.weight)
+        weight.copy_(weight[perm])
+        bias = cast("Tensor | None", w.bias)
+        if bias is not None:
+            bias.copy_(bias[perm])
         for i in range(start + 1, stop):
             m = new[i]
             if isinstance(m, _NORM):
@@ -194,8 +196,8 @@ def permute_hidden_units(
                         t.copy_(t[perm])
         spatial = _spatial_after(layers, start, stop, example)
         cols = (perm[:, None] * spatial + torch.arange(spatial)[None, :]).reshape(-1)
-        nxt = new[stop]
-        nxt.weight.copy_(nxt.weight[:, cols])
+        nxt_weight = cast(Tensor, new[stop].weight)
+        nxt_weight.copy_(nxt_weight[:, cols])
     return out
 
 
@@ -247,7 +249,7 @@ def align(reference: nn.Sequential, other: nn.Sequential, inputs: Iterable[Tenso
 
 def _incoming(layer: nn.Module) -> Tensor:
     """Each output unit's incoming weights as a row, grouped by input feature (then kernel position)."""
-    w = layer.weight.detach().double()
+    w = cast(Tensor, layer.weight).detach().double()
     return w.reshape(w.shape[0], -1)
 
 

@@ -22,7 +22,7 @@ from lightning_fedopt.compression import (
     Sign,
     TopK,
 )
-from lightning_fedopt.strategies.gossip import ChocoCopies, choco_compressor
+from lightning_fedopt.strategies.gossip.gossip import ChocoCopies, choco_compressor
 
 SIZES = [p.numel() for p in make_net().parameters()]
 

@@ -10,7 +10,7 @@ from reference_outer import reference_co2, run_and_resume
 from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies.co2 import CO2OuterOptimizer
+from lightning_fedopt.strategies.diloco.co2 import CO2OuterOptimizer
 
 
 def co2(**kw):

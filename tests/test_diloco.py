@@ -10,8 +10,8 @@ from reference_outer import reference_diloco, run_and_resume
 from runners import assert_close_state, fit_fork
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies._fragments import assign_fragments, layer_keys, resolve_layout
-from lightning_fedopt.strategies.diloco import fragment_events, split_fragments, strided_fragments
+from lightning_fedopt.strategies.diloco.diloco import fragment_events, split_fragments, strided_fragments
+from lightning_fedopt.strategies.diloco.fragments import assign_fragments, layer_keys, resolve_layout
 
 
 def diloco(**kw):
@@ -56,7 +56,7 @@ def test_fragments_and_events():
 def test_inflight_round_from_a_checkpoint_of_either_counter_layout():
     """A round in flight saved in a checkpoint comes back with its counts, whether saved now
     (masked_sum's [weight, valid, invalid]) or before (the old [valid, invalid, summed steps])."""
-    from lightning_fedopt.strategies._fragments import InFlight
+    from lightning_fedopt.strategies.diloco.fragments import InFlight
 
     sums = [torch.ones(2)]
     old = {"fragment": 1, "apply_step": 7, "reduced": [*sums, torch.tensor([2.0, 1.0, 6.0])]}

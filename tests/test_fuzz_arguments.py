@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import lightning_fedopt as lf
 from lightning_fedopt import callbacks, compression, data, merging, schedules, strategies, topology
-from lightning_fedopt.strategies._outer import outer_factory
+from lightning_fedopt.strategies.diloco.outer import outer_factory
 
 CALL_SECONDS = 5.0
 
@@ -523,7 +523,7 @@ def test_topology_size_bound_is_documented_and_usable() -> None:
 def test_the_largest_accepted_seed_is_usable() -> None:
     """A seed that passes ``check_seed`` also works where it is mixed with the round index."""
     from lightning_fedopt._validate import SEED_LIMIT
-    from lightning_fedopt.strategies._participation import choose_participants
+    from lightning_fedopt.strategies.local_sgd.participation import choose_participants
 
     top = SEED_LIMIT - 1
     assert topology.random_matching(4, seed=top).matrix(5).shape == (4, 4)

@@ -13,7 +13,7 @@ from runners import TIMEOUT, CountDistCalls, assert_close_state, fit_fork
 from torch.utils.data import DataLoader
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies.local_sgd import FedAUState, choose_participants
+from lightning_fedopt.strategies.local_sgd.local_sgd import FedAUState, choose_participants
 
 
 def local_sgd(**kw):

@@ -82,7 +82,7 @@ def test_bad_merge_arguments(kwargs, name):
 def test_a_round_of_identical_replicas_moves_by_their_delta(merge):
     """Four replicas that each moved by 1 from the last round's result: the round moves by 1 with
     every operator (task arithmetic and DARE used to add the four deltas up and move by 4)."""
-    from lightning_fedopt.strategies._local_merge import merge_round
+    from lightning_fedopt.strategies.local_sgd.merge import merge_round
 
     base = [torch.zeros(3, 2), torch.zeros(2)]
     models = [[b + 1.0 for b in base] for _ in range(4)]
@@ -95,7 +95,7 @@ def test_a_round_of_identical_replicas_moves_by_their_delta(merge):
 def test_dare_round_averages_the_kept_deltas():
     """DARE at density 0.5 in a Local SGD round: each replica's delta, dropped and rescaled, counts
     1/N; over many coordinates the round moves by about the (common) delta, not N times it."""
-    from lightning_fedopt.strategies._local_merge import merge_round
+    from lightning_fedopt.strategies.local_sgd.merge import merge_round
 
     base = [torch.zeros(4000)]
     models = [[torch.ones(4000)] for _ in range(4)]
@@ -104,8 +104,8 @@ def test_dare_round_averages_the_kept_deltas():
 
 
 def test_merge_round_leaves_out_non_finite_replicas():
-    from lightning_fedopt.strategies._local_merge import merge_round
-    from lightning_fedopt.strategies._reduce import NoFiniteReplicaError
+    from lightning_fedopt.runtime.reduce import NoFiniteReplicaError
+    from lightning_fedopt.strategies.local_sgd.merge import merge_round
 
     base = [torch.zeros(2)]
     models = [[torch.ones(2)], [torch.full((2,), float("nan"))], [torch.ones(2)]]

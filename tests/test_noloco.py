@@ -9,7 +9,7 @@ from reference_outer import reference_noloco
 from runners import CountDistCalls, assert_close_state, fit_fork
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies.noloco import pair_groups
+from lightning_fedopt.strategies.diloco.noloco import pair_groups
 
 
 def test_pair_groups_cover_every_replica_once():

@@ -35,7 +35,7 @@ def test_noloco_four_ranks_resume_restores_each_replicas_own_state(tmp_path):
     resume handing every rank rank 0's state, or its pair partner's, diverges at the next round)."""
     import torch
 
-    from lightning_fedopt.strategies.noloco import pair_groups
+    from lightning_fedopt.strategies.diloco.noloco import pair_groups
 
     rounds = [sorted(map(sorted, pair_groups(k, 4))) for k in range(2)]
     assert rounds[0] != rounds[1], "the pairing must change for phi_i to differ on all ranks"

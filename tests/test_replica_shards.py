@@ -14,9 +14,9 @@ from modules import KnownBatchModule
 from runners import TIMEOUT, fit_fork
 
 import lightning_fedopt as lf
-from lightning_fedopt.strategies._shards import (
+from lightning_fedopt.runtime.run import Counters
+from lightning_fedopt.runtime.shards import (
     CHECKPOINT_FORMAT,
-    Counters,
     load_shard,
     remove_with_shard,
     replica_shard_path,

@@ -25,8 +25,8 @@ from runners import TIMEOUT, fit_fork, trainer_kwargs
 import lightning_fedopt as lf
 from lightning_fedopt._plain import PlainValueError, decode_plain, encode_plain
 from lightning_fedopt.comm import Communicator
-from lightning_fedopt.strategies._handshake import AgreementError, agreement_fields
-from lightning_fedopt.strategies._shards import CHECKPOINT_KEY, replica_shard_path
+from lightning_fedopt.runtime.handshake import AgreementError, agreement_fields
+from lightning_fedopt.runtime.shards import CHECKPOINT_KEY, replica_shard_path
 
 
 class Payload:
@@ -296,7 +296,7 @@ def test_agreement_fields_are_the_same_in_every_process():
     """The derived fields hold no object address or other per-process text."""
     a = agreement_fields(lf.DiLoCoStrategy(sync_every=4, outer_kwargs={"lr": 0.5}))
     assert a["sync_every"] == "4" and "lr=0.5" in a["outer_factory"] and "0x" not in "".join(a.values())
-    assert a["strategy"] == "lightning_fedopt.strategies.diloco.DiLoCoStrategy"
+    assert a["strategy"] == "lightning_fedopt.strategies.diloco.diloco.DiLoCoStrategy"
     assert agreement_fields(lf.CompressedDDPStrategy(compressor="sign"))["compressor"].startswith("Sign(")
 
 

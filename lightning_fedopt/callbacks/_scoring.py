@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 __all__ = [
     "ScoreFn",
     "batch_size_of",
     "check_scores",
     "cross_entropy_scores",
+    "log_every_n_steps",
     "resolve_score_fn",
     "slice_batch",
 ]
@@ -40,7 +44,7 @@ def resolve_score_fn(score_fn: ScoreFn | None, model: nn.Module) -> ScoreFn:
     if score_fn is not None:
         return score_fn
     if callable(getattr(model, "score_samples", None)):
-        return lambda m, batch: m.score_samples(batch)
+        return lambda m, batch: cast("Callable[[Any], Tensor]", m.score_samples)(batch)
     return cross_entropy_scores
 
 
@@ -62,7 +66,9 @@ def slice_batch(batch: Any, index: Tensor) -> Any:
     if isinstance(batch, Tensor):
         return batch[index.to(batch.device)]
     if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, index) for k, v in batch.items()})
+        return cast("Callable[[dict[Any, Any]], Any]", type(batch))(
+            {k: slice_batch(v, index) for k, v in batch.items()}
+        )
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(slice_batch(v, index) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -90,3 +96,17 @@ def log_metrics(trainer: Any, history: list[dict[str, float]], row: dict[str, fl
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
+
+
+class _LoggingTrainer(Protocol):
+    log_every_n_steps: int
+
+
+def log_every_n_steps(trainer: Trainer) -> int:
+    """``trainer.log_every_n_steps``, typed.
+
+    Lightning sets it on the instance in ``Trainer.__init__`` (through its logger connector), so the
+    ``Trainer`` class does not declare it and type checkers do not see it. Plain attribute access:
+    the value (``0`` under ``barebones=True``) and any error are exactly the trainer's.
+    """
+    return cast(_LoggingTrainer, trainer).log_every_n_steps

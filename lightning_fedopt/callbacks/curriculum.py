@@ -26,6 +26,7 @@ from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
     check_scores,
+    log_every_n_steps,
     log_metrics,
     resolve_score_fn,
 )
@@ -215,7 +216,7 @@ class Curriculum(Callback):
         if loader is self._loader:
             return
         reloaded = self._loader is not None
-        if reloaded:
+        if self._loader is not None:  # i.e. reloaded
             self._loader.epoch_hook = None
         self._loader, self._sampler = loader, sampler
         self._fp = self._fingerprint(trainer)
@@ -292,7 +293,7 @@ class Curriculum(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         sampler = self._sampler
-        if sampler is None or not trainer.loggers or trainer.global_step % trainer.log_every_n_steps:
+        if sampler is None or not trainer.loggers or trainer.global_step % log_every_n_steps(trainer):
             return
         t = sampler.step_of(trainer.current_epoch, batch_idx)
         self._log(trainer, {"visible_fraction": sampler.visible(t) / len(sampler.part)})

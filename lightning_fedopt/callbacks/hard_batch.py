@@ -15,6 +15,7 @@ from lightning_fedopt.callbacks._scoring import (
     ScoreFn,
     batch_size_of,
     check_scores,
+    log_every_n_steps,
     log_metrics,
     resolve_score_fn,
     slice_batch,
@@ -150,7 +151,7 @@ class HardBatchSelection(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % trainer.log_every_n_steps:
+        if trainer.global_step % log_every_n_steps(trainer):
             return
         row = {
             "extra_forward_samples": float(self.extra_forward_samples),

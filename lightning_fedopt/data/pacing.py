@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ PACINGS = ("linear", "quad", "root", "step", "exp", "log")
 _C = 10.0
 
 
-def _check_pacing_parameter(name: str, value: float, **bounds: float | bool) -> float:
+def _check_pacing_parameter(name: str, value: float, **bounds: Any) -> float:
     try:
         return check_float(name, value, **bounds)
     except ValueError as err:  # "pacing parameter `a` must be ...": the name alone says little

@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -120,9 +120,10 @@ class PartitionSampler(DistributedSampler):
     ) -> None:
         if not isinstance(partition, Partition):
             raise ValueError(f"`partition` must be a Partition, got {type(partition).__name__}")
-        if partition.num_samples != len(dataset):
+        sized = cast(Sized, dataset)  # typing only: a data set without `len` fails here as before
+        if partition.num_samples != len(sized):
             raise ValueError(
-                f"the partition covers {partition.num_samples} samples, the data set has {len(dataset)}"
+                f"the partition covers {partition.num_samples} samples, the data set has {len(sized)}"
             )
         rank = check_int("rank", rank, low=0, high=partition.num_replicas - 1)
         batch_size = check_int("batch_size", batch_size, low=1)
@@ -149,7 +150,7 @@ class PartitionSampler(DistributedSampler):
         self.part = torch.as_tensor(partition[rank], dtype=torch.int64)
         self.batch_size = batch_size
         if epoch_length == "equal":
-            samples = len(dataset) // partition.num_replicas
+            samples = len(sized) // partition.num_replicas
         elif epoch_length == "own":
             if partition.num_replicas > 1:
                 raise ValueError(
@@ -158,6 +159,7 @@ class PartitionSampler(DistributedSampler):
                 )
             samples = len(self.part)
         else:
+            assert isinstance(epoch_length, int)  # check_int above returned an int
             samples = epoch_length
         self.num_batches = samples // batch_size
         if self.num_batches < 1:
@@ -250,6 +252,11 @@ class PartitionSampler(DistributedSampler):
         self.epoch = int(epoch)
         self._resume = (int(epoch), int(batches_done))
 
+    @property
+    def pending_resume(self) -> tuple[int, int] | None:
+        """``(epoch, batches done)`` of a :meth:`resume` the next iteration will start from, if any."""
+        return self._resume
+
     def _start_batch(self) -> int:
         if self._resume is None:
             return 0
@@ -328,7 +335,7 @@ class PartitionDataLoader(DataLoader):
             sampler.set_epoch(trainer.current_epoch)
         if self.epoch_hook is not None:
             self.epoch_hook(sampler.epoch)
-        resume = sampler._resume
+        resume = sampler.pending_resume
         self._iter_epoch = sampler.epoch
         self._yielded = resume[1] if resume is not None and resume[0] == sampler.epoch else 0
         for batch in super().__iter__():
@@ -391,10 +398,11 @@ def partition_dataloader(
     num_replicas = check_int("num_replicas", 1 if num_replicas is None else num_replicas, low=1)
     if isinstance(partition, (Partitioner, str)):
         partitioner = get_partitioner(partition)
+        source: np.ndarray | int
         if partitioner.needs_labels:
             source = infer_labels(dataset) if labels is None else as_labels(labels)
         else:
-            source = len(dataset)
+            source = len(cast(Sized, dataset))
         partition = partitioner.split(source, num_replicas)
         if rank == 0 and num_replicas > 1 and partitioner.needs_labels:
             log.info(

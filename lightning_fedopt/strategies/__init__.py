@@ -1,13 +1,13 @@
 """Strategies: who trains what, and when the replicas talk."""
 
-from lightning_fedopt.strategies.co2 import CO2OuterOptimizer, CO2Strategy
 from lightning_fedopt.strategies.compressed_ddp import CompressedDDPStrategy
 from lightning_fedopt.strategies.ddp import MeteredDDPStrategy
-from lightning_fedopt.strategies.diloco import DiLoCoStrategy, StreamingDiLoCoStrategy
-from lightning_fedopt.strategies.fedspeed import FedSpeedStrategy
-from lightning_fedopt.strategies.gossip import GossipStrategy
-from lightning_fedopt.strategies.local_sgd import LocalSGDStrategy
-from lightning_fedopt.strategies.noloco import NoLoCoStrategy
+from lightning_fedopt.strategies.diloco.co2 import CO2OuterOptimizer, CO2Strategy
+from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy, StreamingDiLoCoStrategy
+from lightning_fedopt.strategies.diloco.noloco import NoLoCoStrategy
+from lightning_fedopt.strategies.gossip.gossip import GossipStrategy
+from lightning_fedopt.strategies.local_sgd.fedspeed import FedSpeedStrategy
+from lightning_fedopt.strategies.local_sgd.local_sgd import LocalSGDStrategy
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = [

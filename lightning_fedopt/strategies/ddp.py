@@ -9,13 +9,13 @@ bytes are counted with the same cost model as the replica strategies. Unlike Lig
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_choice, check_str, check_timeout
 from lightning_fedopt.comm import Communicator, GradBucket, tensors_nbytes
-from lightning_fedopt.strategies._counted import CountedCollectives
-from lightning_fedopt.strategies._registry import register_name
+from lightning_fedopt.runtime.communicators import Communicators, CountedDDPStrategy
+from lightning_fedopt.runtime.registry import register_name
 
 __all__ = ["MeteredDDPStrategy"]
 
@@ -27,7 +27,7 @@ def counted_allreduce_hook(comm: Communicator, bucket: GradBucket) -> torch.futu
     return comm.all_reduce_future(bucket.buffer(), op="mean", purpose="sync")
 
 
-class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
+class MeteredDDPStrategy(CountedDDPStrategy):
     """Plain data-parallel training (gradient all-reduce every step) with byte accounting.
 
     Takes the arguments of Lightning's ``DDPStrategy`` (``ddp_comm_hook`` excepted).
@@ -52,7 +52,7 @@ class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
         if "process_group_backend" in kwargs:
             check_str("process_group_backend", kwargs["process_group_backend"], allow_none=True)
         super().__init__(**kwargs)
-        self.comm = Communicator()
+        self.comms = Communicators()
         self._steps = 0
 
     @property
@@ -84,7 +84,9 @@ class MeteredDDPStrategy(CountedCollectives, DDPStrategy):
 
     @override
     def _register_ddp_hooks(self) -> None:
-        self.model.register_comm_hook(self.comm, counted_allreduce_hook)  # type: ignore[union-attr]
+        model = self.model
+        assert isinstance(model, DistributedDataParallel)
+        model.register_comm_hook(self.comm, counted_allreduce_hook)
 
     @override
     @classmethod

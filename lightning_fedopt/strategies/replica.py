@@ -39,23 +39,32 @@ What the base does for every algorithm:
 Subclasses implement :meth:`sync` and :meth:`consensus_values`, and override the state hooks if
 they keep state between rounds.
 
-This module holds the step loop, the schedule and the algorithm interface; the rest lives in
-mixins of :class:`ReplicaStrategy`, one module each: ``_state`` (counters, last sync, NaN events),
-``_shards`` (checkpoint shards and the :class:`~lightning_fedopt.strategies._shards.Counters`
-saved in them), ``_consensus`` (the consensus swapped in for evaluation and checkpoints),
-``_tracked`` (the tracked tensors), ``_groups`` (``group_size`` hierarchies), ``_patches``
-(changes to Lightning's loop: the SIGTERM check, the manual-optimization hook),
-``_initial_sync`` (:func:`state_digest` and the start-up broadcast), ``_finish`` (the last step,
-validation of a changed model), ``_batchnorm`` (BatchNorm statistics of the consensus) and
-``_rendezvous`` (ranks out of step).
+This module holds the step loop, the schedule, the algorithm interface and Lightning's hooks,
+each a few lines that call one of the strategy's parts (:mod:`lightning_fedopt.runtime` and
+:mod:`lightning_fedopt.fault_tolerance`), each with its own state and lifetime:
+
+==================  ==============================================  =============================
+attribute           part                                            lives for
+==================  ==============================================  =============================
+``run``             :class:`~lightning_fedopt.runtime.run.ReplicaRun`          one ``fit`` (a new one per fit)
+``comms``           :class:`~lightning_fedopt.runtime.communicators.Communicators`  world: an entry point; groups: set-up to teardown
+``tracked``         :class:`~lightning_fedopt.runtime.tracked.TrackedTensors`    one ``fit`` (re-pointed for evaluation)
+``consensus``       :class:`~lightning_fedopt.runtime.consensus.Consensus`       one ``fit`` (cache: one step)
+``meeting``         :class:`~lightning_fedopt.runtime.meeting.MeetingPoints`     the strategy
+``validation``      :class:`~lightning_fedopt.runtime.fit_end.ValidationGate`    one ``fit``
+``checkpoints``     :class:`~lightning_fedopt.runtime.checkpoints.ReplicaCheckpoints`  a resume: load to train start
+``faults``          :class:`~lightning_fedopt.fault_tolerance.faults.FaultHandler`  liveness: one ``fit``
+``patches``         :class:`~lightning_fedopt.runtime.patches.LightningPatches`  set-up to teardown
+==================  ==============================================  =============================
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -65,7 +74,6 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
@@ -73,27 +81,26 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int, check_timeout
 from lightning_fedopt.comm import Communicator
-from lightning_fedopt.schedules import SyncSchedule, as_schedule
-from lightning_fedopt.strategies._batchnorm import BatchNormStatistics
-from lightning_fedopt.strategies._consensus import ConsensusEvaluation
-from lightning_fedopt.strategies._counted import CountedCollectives
-from lightning_fedopt.strategies._faults import Failures, SyncPointCheckpoints
-from lightning_fedopt.strategies._finish import FitEnd
-from lightning_fedopt.strategies._groups import ReplicaGroups
-from lightning_fedopt.strategies._handshake import agreement_fields, check_agreement
-from lightning_fedopt.strategies._initial_sync import INITIAL_SYNC, start_identical, state_digest
-from lightning_fedopt.strategies._patches import LoopPatches, ManualOptimizationHooks
-from lightning_fedopt.strategies._registry import register_name
-from lightning_fedopt.strategies._rendezvous import StepCheck
-from lightning_fedopt.strategies._shards import (
+from lightning_fedopt.fault_tolerance.faults import FaultHandler, StopPolicy
+from lightning_fedopt.runtime.batchnorm import BatchNormStatistics
+from lightning_fedopt.runtime.checkpoints import ReplicaCheckpoints, StateRegistry
+from lightning_fedopt.runtime.communicators import Communicators, CountedDDPStrategy
+from lightning_fedopt.runtime.consensus import Consensus, consensus_distance
+from lightning_fedopt.runtime.fit_end import ValidationGate, is_last_training_step
+from lightning_fedopt.runtime.handshake import agreement_fields, check_agreement
+from lightning_fedopt.runtime.initial_sync import INITIAL_SYNC, start_identical, state_digest
+from lightning_fedopt.runtime.meeting import BARRIER, BROADCAST, END, SYNC, VALIDATION, MeetingPoints
+from lightning_fedopt.runtime.patches import LightningPatches, ManualOptimizationHooks, callbacks_of
+from lightning_fedopt.runtime.registry import register_name
+from lightning_fedopt.runtime.run import Counters, ReplicaRun
+from lightning_fedopt.runtime.shards import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEY,
-    Counters,
-    ShardedCheckpoints,
+    remove_with_shard,
     replica_shard_path,
 )
-from lightning_fedopt.strategies._state import ReplicaState
-from lightning_fedopt.strategies._tracked import TrackedTensors
+from lightning_fedopt.runtime.tracked import TrackedTensors
+from lightning_fedopt.schedules import SyncSchedule, as_schedule
 
 log = logging.getLogger("lightning_fedopt")
 
@@ -101,24 +108,9 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "ReplicaStrategy", "replica_sh
 
 _EVALUATE = ("consensus", "local")
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
-_INITIAL_SYNC = INITIAL_SYNC
-_ManualOptimizationHooks = ManualOptimizationHooks  # the name it had before it moved to _patches
 
 
-class ReplicaStrategy(
-    ReplicaState,
-    FitEnd,
-    BatchNormStatistics,
-    Failures,
-    StepCheck,
-    ShardedCheckpoints,
-    ConsensusEvaluation,
-    TrackedTensors,
-    ReplicaGroups,
-    LoopPatches,
-    CountedCollectives,
-    DDPStrategy,
-):
+class ReplicaStrategy(CountedDDPStrategy):
     """Base strategy: each process trains its own replica; replicas synchronise on a schedule.
 
     Args:
@@ -154,7 +146,7 @@ class ReplicaStrategy(
             replicas' mean). Default: the algorithm's ``default_bn_recalibration`` (8 for DiLoCo,
             CO2, NoLoCo; 0 otherwise). Costs nothing for a model without BatchNorm; the batches are
             kept by reference (``bn_recalibration`` batches of memory). See
-            :mod:`~lightning_fedopt.strategies._batchnorm`.
+            :mod:`~lightning_fedopt.runtime.batchnorm`.
         bn_forward: ``(module, batch) -> Any``, the forward pass for the re-estimation. Default:
             ``module(batch[0])`` for a tuple/list batch, ``module(batch)`` otherwise.
         skip_unchanged_validation: skip a validation Lightning schedules during ``fit`` when the
@@ -242,7 +234,7 @@ class ReplicaStrategy(
                 f"`round_seconds` (heterogeneous local work) is not supported by {type(self).__name__}"
             )
         check_choice("start_method", start_method, _START_METHODS)
-        check_choice("initial_sync", initial_sync, _INITIAL_SYNC)
+        check_choice("initial_sync", initial_sync, INITIAL_SYNC)
         if bn_recalibration is None:
             bn_recalibration = self.default_bn_recalibration
         bn_recalibration = check_int("bn_recalibration", bn_recalibration, low=0, high=2**20)
@@ -262,7 +254,6 @@ class ReplicaStrategy(
         self.evaluate = evaluate
         self.final_sync_enabled = check_bool("final_sync", final_sync)
         self.include_frozen = check_bool("include_frozen", include_frozen)
-        self.comm = Communicator()
         self.group_size = group_size
         self.round_seconds = round_seconds
         self.initial_sync = initial_sync
@@ -271,21 +262,43 @@ class ReplicaStrategy(
         self.bn_forward = bn_forward
         self.sync_timeout = check_float("sync_timeout", sync_timeout, low=0, low_open=True, high=86400.0)
         self.elastic = check_bool("elastic", elastic)
-        self._liveness = None
-        self._sync_points = SyncPointCheckpoints(self)
-        self._sigterm_received = False
-        self._preempt = False
-        self._saved_sync = 0
-        self._elastic_kept = []
-        self._outer_comm: Communicator | None = None
-        self._inner_comm: Communicator | None = None
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
         #: distance at every synchronisation (costs one scalar all-reduce).
         self.track_consensus_distance = False
-        self._hooks = ManualOptimizationHooks(self)
         #: count samples per round (for sample-proportional weights); off saves a little per step
         self.count_samples = False
-        self._reset_run_state()
+        # ------------------------------------------------------------ the parts
+        self.comms = Communicators(group_size)
+        self.run = ReplicaRun()
+        self.tracked = TrackedTensors(self.include_frozen)
+        self.consensus = Consensus(
+            self.tracked,
+            BatchNormStatistics(bn_recalibration, bn_forward),
+            compute=self.consensus_values,
+            holds=self.local_is_consensus,
+            module=lambda: self.lightning_module,
+            comm=lambda: self.comm,
+            forward_context=self._forward_context,
+        )
+        self.faults = FaultHandler(
+            self, self.comms, sync_timeout=self.sync_timeout, elastic=self.elastic, policy=self.stop_policy()
+        )
+        self.meeting = MeetingPoints(lambda: self.comm, lambda: self.root_device, self.faults.arrive)
+        self.validation = ValidationGate(
+            self.skip_unchanged_validation and evaluate == "consensus",
+            self.consensus_version,
+            type(self).__name__,
+        )
+        registry = StateRegistry()
+        registry.register("replica", self.replica_state_dict, self.load_replica_state_dict)
+        registry.register("comm_stats", self.comms.stats.state_dict, self.comms.stats.load_state_dict)
+        registry.register(
+            "nonfinite_events", lambda: list(self.run.nonfinite_events), self._load_nonfinite_events
+        )
+        registry.register("rng", _rng_state, _load_rng_state, phase="train_start")
+        self.checkpoints = ReplicaCheckpoints(registry, type(self).__name__)
+        self.patches = LightningPatches()
+        self._manual_hooks = ManualOptimizationHooks(self._end_manual_step)
 
     # ================================================================== algorithm interface
     def setup_algorithm(self) -> None:
@@ -301,17 +314,27 @@ class ReplicaStrategy(
 
     def local_is_consensus(self) -> bool:
         """Whether this replica's weights equal the consensus (then evaluation needs no traffic)."""
-        return self._steps_since_sync == 0
+        return self.run.counts.steps_since_sync == 0
 
     def final_sync(self) -> None:
         """Make every replica hold the consensus at the end of fit (at the last step when Lightning's
         stop is foreseeable; algorithms may fold pending work into the consensus here)."""
         if self.local_is_consensus():
             return
-        self._load_consensus()
+        self.load_consensus()
 
-    def _after_final_sync(self) -> None:
+    def after_final_sync(self) -> None:
         """Hook for algorithms whose global state must follow the final consensus."""
+
+    def consensus_version(self) -> int:
+        """A number that changes whenever the consensus model may have changed (default: every
+        optimizer step). Algorithms whose consensus changes only at outer steps count those."""
+        return self.run.counts.replica_step
+
+    def stop_policy(self) -> StopPolicy | None:
+        """How the ranks agree to stop after a SIGTERM (None: at the meeting before the next
+        synchronisation; NoLoCo, without a global meeting point, returns its own)."""
+        return None
 
     def algorithm_state_dict(self) -> dict[str, Any]:
         """State that is the same on every rank (saved once, in the checkpoint file)."""
@@ -327,28 +350,167 @@ class ReplicaStrategy(
     def load_replica_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`replica_state_dict`."""
 
+    # ================================================================== what algorithms read
+    @property
+    def replica_step(self) -> int:
+        """Optimizer steps this replica has taken (one per training batch in which any optimizer stepped)."""
+        return self.run.counts.replica_step
+
+    @property
+    def steps_since_sync(self) -> int:
+        """Optimizer steps since the last synchronisation."""
+        return self.run.counts.steps_since_sync
+
+    @property
+    def sync_count(self) -> int:
+        """Synchronisations done so far (the final one at the end of fit included)."""
+        return self.run.counts.sync_count
+
+    @property
+    def samples_since_sync(self) -> int:
+        """Training samples since the last synchronisation (when ``count_samples`` is on)."""
+        return self.run.counts.samples_since_sync
+
+    @property
+    def skipping_step(self) -> bool:
+        """Whether the optimizer step now running is a skipped one (``round_seconds``: this
+        replica's time in the round is spent)."""
+        return self.run.skip_step
+
+    @property
+    def last_sync(self) -> dict[str, float]:
+        """What the last synchronisation reported (step, seconds, excluded replicas, ...)."""
+        return dict(self.run.last_sync)
+
+    @property
+    def nonfinite_events(self) -> list[dict[str, int]]:
+        """One entry per synchronisation at which some replica had non-finite weights."""
+        return list(self.run.nonfinite_events)
+
+    @property
+    def round_effective_steps(self) -> int:
+        """Steps this replica computed in the current round (fewer than the round's batches when
+        ``round_seconds`` cut it short)."""
+        return self.run.counts.effective_steps
+
+    @property
+    def effective_steps_history(self) -> list[int]:
+        """Steps this replica computed in each finished round (``round_seconds`` runs)."""
+        return list(self.run.effective_history)
+
+    @property
+    def skipped_validations(self) -> int:
+        """Validations skipped in this fit because the consensus had not changed since the last one."""
+        return self.validation.skipped
+
+    @property
+    def outer_comm(self) -> Communicator:
+        """The communicator the algorithm synchronises over: the world, or with ``group_size > 1``
+        the same-position ranks of every group."""
+        return self.comms.outer
+
+    @property
+    def outer_world_size(self) -> int:
+        """Number of replicas the algorithm sees (groups count as one replica)."""
+        return self.world_size // self.group_size
+
+    @property
+    def outer_rank(self) -> int:
+        """This replica's index among :attr:`outer_world_size` (its group's index)."""
+        return self.global_rank // self.group_size
+
+    def tracked_named_tensors(self) -> list[tuple[str, Tensor]]:
+        """The tensors the algorithm keeps in agreement: floating-point parameters and buffers.
+
+        Parameters frozen when ``fit`` starts are included unless ``include_frozen=False`` (they
+        may be unfrozen later, e.g. by Lightning's ``BackboneFinetuning``).
+        """
+        return self.tracked.named()
+
+    def tracked_tensors(self) -> list[Tensor]:
+        """The tracked tensors (see :meth:`tracked_named_tensors`), in a new list."""
+        return list(self.tracked.tensors)
+
+    def is_finite(self, tensors: list[Tensor] | None = None) -> bool:
+        """Whether all of ``tensors`` (default: the tracked ones) are finite."""
+        return self.tracked.is_finite(tensors)
+
+    def cached_consensus_values(self) -> list[Tensor]:
+        """:meth:`consensus_values`, computed at most once between two optimizer steps."""
+        return self.consensus.values()
+
+    def consensus_swapped(self) -> AbstractContextManager[None]:
+        """Run the block with the consensus model's weights in the module, then restore the replica's.
+
+        A collective call for algorithms whose consensus needs communication (every rank must enter
+        it at the same point), used e.g. by :class:`~lightning_fedopt.callbacks.Curriculum` to score
+        samples under the consensus model. Does nothing when the consensus is already swapped in.
+        """
+        if not self.run.algorithm_ready:
+            return contextlib.nullcontext()
+        return self.consensus.swapped()
+
+    def recalibrates_batchnorm(self) -> bool:
+        """Whether the consensus's BatchNorm statistics are re-estimated when it is used."""
+        return self.consensus.recalibrates()
+
+    def consensus_distance(self, local: list[Tensor], consensus: list[Tensor], valid: bool) -> float:
+        """Mean over valid replicas of ``||theta_i - theta_bar|| / ||theta_bar||`` (one scalar all-reduce)."""
+        return consensus_distance(self.outer_comm, local, consensus, valid, self.root_device)
+
+    def load_consensus(self) -> None:
+        """Every replica takes the consensus (as validation and checkpoints at this step saw it)."""
+        self.consensus.load_into_replica()
+        self.after_final_sync()
+
+    def record_nonfinite(self, excluded: int, local: bool) -> None:
+        """Note a synchronisation that excluded ``excluded`` replicas with non-finite weights."""
+        self.run.note_nonfinite(excluded, local, self.global_rank)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget this replica's optimizer state (after its weights were replaced by a non-finite reset)."""
+        for opt in self.optimizers:
+            opt.state.clear()
+
+    def average_gradients_in_group(self) -> None:
+        """Inside a group (``group_size > 1``): the mean of the gradients over the fast links."""
+        self.comms.average_gradients_in_group(self.optimizers)
+
+    def meet(self, point: int) -> bool:
+        """Meet the other ranks at ``point`` (:mod:`~lightning_fedopt.runtime.meeting`); returns
+        whether any rank received SIGTERM."""
+        return self.meeting.meet(point, self.run.counts.replica_step, self.faults.sigterm_received)
+
     # ================================================================== Lightning plumbing
-    def _reset_run_state(self) -> None:
-        self._counts = Counters()
-        self._stepped = False
-        self._round_compute = 0.0
-        self._skip_step = False
-        self._effective_history: list[int] = []
-        self._last_sync: dict[str, float] = {}
-        self._nonfinite_events: list[dict[str, int]] = []
-        self._reset_tracked()
-        self._algorithm_ready = False
-        self._eval_backup = None
-        self._consensus_cache = None
-        self._resume_meta = None
-        self._resume_shard = None
-        self._weights_from_shard = False
-        self._closed = False
-        self._checked_step = None
-        self._validated_version = None
-        self._skipped_validations = 0
-        self._bn_batches: deque[Any] = deque(maxlen=max(self.bn_recalibration, 1))
-        self._bn_training: set[int] = set()
+    def _new_run(self) -> None:
+        """A new ``fit`` (not a resume): every per-fit part starts afresh."""
+        self.run = ReplicaRun()
+        self.tracked.reset()
+        self.consensus.reset()
+        self.consensus.batchnorm.reset()
+        self.validation.reset()
+        self.comms.stats.reset()
+
+    def _forward_context(self) -> AbstractContextManager[Any]:
+        return self.precision_plugin.forward_context()
+
+    def _load_nonfinite_events(self, events: list[dict[str, int]]) -> None:
+        self.run.nonfinite_events = list(events)
+
+    def _load_counters(self, counters: dict[str, Any], own: bool) -> None:
+        self.run.counts = Counters.from_shard(counters) if own else Counters.from_meta(counters)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self.comms.check_group_size(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        trainer = self._current_trainer()
+        if trainer is not None:
+            self.faults.install_resume(trainer, self.patches)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -363,64 +525,74 @@ class ReplicaStrategy(
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
-            self._patch_loop(trainer)
+            self._install_patches(trainer)
             self.configure_ddp()
             self.setup_optimizers(trainer)
         else:
-            self._consensus_cache = None
-            if self._algorithm_ready and self._tracked_module == id(self.lightning_module):
+            self.comms.build_groups()
+            self.consensus.reset()
+            module = self.lightning_module
+            if self.run.algorithm_ready and module is not None and self.tracked.module_id == id(module):
                 # evaluation after a fit: the module may have moved devices since (teardown moves it
                 # to CPU), so point at its live tensors again; the replicas may legitimately differ
-                self._collect_tracked()
+                self.tracked.collect(module)
             else:
                 # evaluation without a fit (or of another module): start every rank from rank 0's weights
-                self._algorithm_ready = False
+                self.run.algorithm_ready = False
                 self._start_identical()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
+    def _install_patches(self, trainer: Trainer) -> None:
+        """At the start of ``fit``: the batch-end hook under manual optimization, the SIGTERM check,
+        the signal notifier and sync-point callback, and the validation gate (all removed at teardown)."""
+        module = self.lightning_module
+        manual = module is not None and not module.automatic_optimization
+        if manual:
+            self.patches.add_callback(trainer, self._manual_hooks, 0)
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            self.patches.replace(loop, "_broadcast_sigterm_tensor", self._sigterm_check)
+        self.faults.install(trainer, self.patches, 1 if manual else 0)
+        self.validation.install(trainer, self.patches, self.global_rank, lambda: self.run.counts.replica_step)
+
     def _start_identical(self) -> None:
         """Give every replica rank 0's weights and buffers (``initial_sync``)."""
-        start_identical(self.comm, self._module_state_tensors(), self.initial_sync, self.root_device)
+        module = self.lightning_module
+        assert module is not None
+        start_identical(
+            self.comm, TrackedTensors.module_state_tensors(module), self.initial_sync, self.root_device
+        )
 
     @override
     def configure_ddp(self) -> None:
         """No DDP wrapper: check that every rank runs the same configuration on the same model
         structure (the start-up handshake), make the replicas identical, set up the algorithm."""
-        self._start_liveness()
+        self.faults.start()
         check_agreement(self.comm, agreement_fields(self), device=self.root_device)
-        if self._resume_meta is None:
-            # a new fit (not a resume) starts the algorithm afresh
-            stats = self.comm.stats
-            self._reset_run_state()
-            self.comm.stats = stats
-            stats.reset()
-        if not self._weights_from_shard:
+        if not self.checkpoints.resuming:
+            self._new_run()  # a new fit (not a resume) starts the algorithm afresh
+        if not self.checkpoints.weights_from_shard:
             self._start_identical()
-        self._setup_groups()
+        self.comms.build_groups()
         module = self.lightning_module
-        if self.round_seconds is not None and module is not None and not module.automatic_optimization:
+        assert module is not None
+        if self.round_seconds is not None and not module.automatic_optimization:
             raise ValueError("`round_seconds` (heterogeneous local work) needs automatic optimization")
-        self._collect_tracked()
+        self.tracked.collect(module)
         self.setup_algorithm()
-        if self._resume_meta is not None:
-            self._restore_from_resume()
-        self._algorithm_ready = True
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if trainer is not None:
-            self._patch_resume(trainer)
+        if self.checkpoints.resuming:
+            self.checkpoints.restore(self._load_counters, self.load_algorithm_state_dict)
+        self.run.algorithm_ready = True
 
     @override
     def teardown(self) -> None:
-        self._stop_liveness()
-        self._unpatch_loop()
+        self.faults.stop()
+        self.patches.remove_all()
+        self.comms.close()
         # a resume whose fit loop never ran (training already complete) must not leak into the next fit
-        self._forget_resume()
+        self.checkpoints.forget_resume()
         super().teardown()
 
     @override
@@ -428,66 +600,251 @@ class ReplicaStrategy(
         self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
         t0 = time.perf_counter()
-        out = super().optimizer_step(optimizer, self._group_closure(closure), model, **kwargs)
-        if self._skip_step:
-            self._skip_step = False
+        closure = self.comms.group_closure(closure, lambda: self.optimizers)
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        run = self.run
+        if run.skip_step:
+            run.skip_step = False
         else:
-            self._effective_steps += 1
-            self._round_compute += time.perf_counter() - t0
+            run.counts.effective_steps += 1
+            run.round_compute += time.perf_counter() - t0
         module = self.lightning_module
         if module is not None and module.automatic_optimization:
             self._end_step()  # one optimizer per step: the step is over
         else:
-            self._stepped = True  # several optimizers may step: the batch end closes the step
+            run.stepped = True  # several optimizers may step: the batch end closes the step
         return out
 
     # ---------------------------------------------------------------- the loop's points
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.round_seconds is not None and self._round_compute >= self.round_seconds:
+        if self.round_seconds is not None and self.run.round_compute >= self.round_seconds:
             # this replica's time for the round is spent: skip the rest of the round's batches. The
             # optimizer step still runs, with no gradients (a constant loss), so that every rank counts
             # the same steps (Lightning refuses a None loss in distributed training)
-            self._skip_step = True
+            self.run.skip_step = True
             return torch.zeros((), device=self.root_device, requires_grad=True)
         return super().training_step(*args, **kwargs)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._record_batch(batch)
+        self.consensus.batchnorm.record(self.lightning_module, batch)
         if self.count_samples:
             try:
-                self._samples_since_sync += int(extract_batch_size(batch))
+                self.run.counts.samples_since_sync += int(extract_batch_size(batch))
             except Exception:  # a batch whose size cannot be told counts as one sample
-                self._samples_since_sync += 1
+                self.run.counts.samples_since_sync += 1
+
+    def _end_manual_step(self) -> None:
+        """Under manual optimization, at batch end: close the step if an optimizer stepped."""
+        if self.run.stepped:
+            self.run.stepped = False
+            self._end_step()
 
     def _end_step(self) -> None:
-        self._consensus_cache = None
-        self._closed = False
-        self._replica_step += 1
-        self._steps_since_sync += 1
-        if self.schedule.should_sync(self._replica_step):
+        self.consensus.invalidate()
+        self.run.end_step()
+        if self.schedule.should_sync(self.run.counts.replica_step):
             self._run_sync()
-        if self.final_sync_enabled and self._is_last_training_step():
+        if self.final_sync_enabled and is_last_training_step(self._current_trainer(), self.lightning_module):
             # close training in its last step, before that step's validation and checkpoints
             self._close_training(self.final_sync)
-            self._closed = True
+            self.run.closed = True
 
     def _run_sync(self) -> None:
-        seconds_before = self.comm.stats.seconds
+        seconds_before = self.comms.stats.seconds
         info = self.sync() or {}
-        self._sync_count += 1
-        self._steps_since_sync = 0
-        self._samples_since_sync = 0
-        self._close_round()
-        info = {**info, "step": self._replica_step, "sync_seconds": self.comm.stats.seconds - seconds_before}
-        self._last_sync = info
+        counts = self.run.counts
+        counts.sync_count += 1
+        counts.steps_since_sync = 0
+        counts.samples_since_sync = 0
+        self.run.close_round(self.round_seconds is not None)
+        info = {
+            **info,
+            "step": counts.replica_step,
+            "sync_seconds": self.comms.stats.seconds - seconds_before,
+        }
+        self.run.last_sync = info
 
-    def _close_round(self) -> None:
-        if self.round_seconds is not None:
-            self._effective_history.append(self._effective_steps)
-        self._effective_steps = 0
-        self._round_compute = 0.0
+    def _close_training(self, close: Callable[[], None]) -> None:
+        """Run ``close`` (the final synchronisation) and count it as a synchronisation if it was one."""
+        before = self.local_is_consensus()
+        close()
+        if not before:
+            self.run.counts.sync_count += 1
+            self.run.close_round(self.round_seconds is not None)
+        self.run.counts.steps_since_sync = 0
+        self.consensus.invalidate()
+
+    def _sigterm_check(self) -> None:
+        """Before a synchronisation step (in place of Lightning's per-batch SIGTERM broadcast): the
+        fault handler's stop policy, at the meeting that checks every rank is at the same step."""
+        step = self.run.counts.replica_step
+        if not self.schedule.should_sync(step + 1):
+            return
+        if self.run.checked_step == step:
+            return  # once per step (under manual optimization a batch need not step)
+        self.run.checked_step = step
+        self.faults.before_sync(lambda sigterm: self.meeting.meet(SYNC, step, sigterm))
+
+    # ---------------------------------------------------------------- meeting points
+    def _current_trainer(self) -> Trainer | None:
+        module = self.lightning_module
+        return module._trainer if module is not None else None
+
+    def _in_fit_loop(self) -> bool:
+        """Whether this is ``fit`` after its first optimizer step, on several processes (ranks can
+        only be out of step once they have stepped)."""
+        trainer = self._current_trainer()
+        return bool(
+            trainer is not None
+            and self.run.algorithm_ready
+            and self.run.counts.replica_step > 0
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and self.comm.available
+            and self.comm.world_size > 1
+        )
+
+    def _meet_in_fit(self, point: int) -> None:
+        if self._in_fit_loop():
+            self.meet(point)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """During ``fit`` a Lightning barrier is a meeting (itself a barrier) that checks every
+        rank is at the same step; otherwise a plain barrier, counted."""
+        if self._in_fit_loop():
+            self.meet(BARRIER)
+        else:
+            super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """During ``fit``: first a meeting that checks every rank is at the same step."""
+        self._meet_in_fit(BROADCAST)
+        return super().broadcast(obj, src)
+
+    # ---------------------------------------------------------------- evaluation on the consensus
+    def _swap_in(self) -> None:
+        if self.evaluate == "consensus" and self.run.algorithm_ready:
+            self.consensus.swap_in()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._meet_in_fit(VALIDATION)
+        self.validation.note_validation(self._current_trainer())
+        self._swap_in()
+
+    @override
+    def on_validation_end(self) -> None:
+        self.consensus.swap_out()
+
+    @override
+    def on_test_start(self) -> None:
+        self._swap_in()
+
+    @override
+    def on_test_end(self) -> None:
+        self.consensus.swap_out()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._swap_in()
+
+    @override
+    def on_predict_end(self) -> None:
+        self.consensus.swap_out()
+
+    @override
+    def on_train_end(self) -> None:
+        """The final synchronisation (after the callbacks' ``on_train_end``, before ``on_fit_end``),
+        unless training was closed at its last step."""
+        self._meet_in_fit(END)
+        run = self.run
+        if self.final_sync_enabled and run.algorithm_ready:
+            if not run.closed and not self.local_is_consensus():
+                # a stop the strategy could not foresee (EarlyStopping, max_time): end on the consensus
+                # that this step's validation and checkpoints saw
+                self._close_training(self.load_consensus)
+            elif self.consensus.recalibrates():
+                # the consensus's re-estimated BatchNorm statistics (those this step's validation and
+                # checkpoints used, from the cache)
+                self.load_consensus()
+            run.counts.steps_since_sync = 0
+        self.consensus.batchnorm.forget_batches()
+        run.closed = False
+        self.consensus.invalidate()
+
+    # ---------------------------------------------------------------- checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The consensus model's state dict (what plain Lightning/PyTorch loads from the checkpoint)."""
+        module = self.lightning_module
+        assert module is not None
+        return self.consensus.state_dict(module, self.run.algorithm_ready)
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        module = self.lightning_module
+        if self.run.algorithm_ready and "optimizer_states" in checkpoint and module is not None:
+            self.checkpoints.save(
+                checkpoint,
+                filepath,
+                comm=self.comm,
+                checkpoint_io=self.checkpoint_io,
+                rank=self.global_rank,
+                world_size=self.world_size,
+                counters=self.run.counts.as_dict(),
+                algorithm_state=self.algorithm_state_dict(),
+                module_state=self.consensus.local_state_dict(module),
+                optimizer_states=[self.optimizer_state(opt) for opt in self.optimizers],
+                per_replica_callbacks=_per_replica_callback_keys(self._current_trainer()),
+            )
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        remove_with_shard(self.checkpoint_io, filepath, self.global_rank, super().remove_checkpoint)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        trainer = self._current_trainer()
+        self.checkpoints.load(
+            checkpoint,
+            checkpoint_path,
+            fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING,
+            comm=self.comm,
+            checkpoint_io=self.checkpoint_io,
+            weights_only=weights_only,
+        )
+        return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        self.consensus.reset()
+        shard = self.checkpoints.resume_shard
+        if shard is not None:
+            assert self.lightning_module is not None
+            self.lightning_module.load_state_dict(shard["module"], strict=strict)
+            self.checkpoints.weights_from_shard = True
+            return
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        shard = self.checkpoints.resume_shard
+        if shard is not None:
+            checkpoint = {"optimizer_states": shard["optimizer_states"]}
+        super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def on_train_start(self) -> None:
+        """This replica's RNG state from the resumed shard, then the resume is over."""
+        self.checkpoints.start_training()
 
     # ================================================================== registry
     @override
@@ -497,3 +854,23 @@ class ReplicaStrategy(
         if cls.strategy_name == ReplicaStrategy.strategy_name and cls is not ReplicaStrategy:
             return
         register_name(strategy_registry, cls.strategy_name, cls, description=cls.__name__)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _load_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _per_replica_callback_keys(trainer: Trainer | None) -> set[str]:
+    """State keys of the Trainer's callbacks that declare ``per_replica_state = True``."""
+    if trainer is None:
+        return set()
+    return {cb.state_key for cb in callbacks_of(trainer) if getattr(cb, "per_replica_state", False)}

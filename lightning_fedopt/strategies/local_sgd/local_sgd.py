@@ -23,7 +23,7 @@ feedback, a replica's carried error is sent even in a round it does not take par
 
 Merged rounds (``merge=``, any operator but the mean): every replica's model travels in one
 all-gather and every rank applies the same merge, with equal weights summing to 1, to the deltas
-from the last round's result (:mod:`lightning_fedopt.strategies._local_merge`).
+from the last round's result (:mod:`lightning_fedopt.strategies.local_sgd.merge`).
 
 NaN/Inf guard: a replica whose weights are not finite at a synchronisation contributes nothing,
 is reset to the result (its optimizer state is cleared) and the event is logged and counted in
@@ -44,22 +44,22 @@ from lightning_fedopt._validate import check_bool, check_choice, check_float, ch
 from lightning_fedopt.compression import Compressor, get_compressor
 from lightning_fedopt.data.pacing import ReplicaSelection
 from lightning_fedopt.merging import Merge, as_merge
+from lightning_fedopt.runtime.optimizer_state import average_optimizer_state
+from lightning_fedopt.runtime.reduce import MaskedSum, NoFiniteReplicaError, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
-from lightning_fedopt.strategies._local_merge import (
+from lightning_fedopt.strategies.local_sgd.merge import (
     check_merge_options,
     check_merge_world,
     gather_models,
     merge_round,
 )
-from lightning_fedopt.strategies._optimizer_state import average_optimizer_state
-from lightning_fedopt.strategies._participation import (
+from lightning_fedopt.strategies.local_sgd.participation import (
     FedAUState,
     RoundLosses,
     check_participation,
     check_participation_length,
     choose_participants,
 )
-from lightning_fedopt.strategies._reduce import MaskedSum, NoFiniteReplicaError, masked_sum
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = ["FedAUState", "LocalSGDStrategy", "choose_participants"]
@@ -86,7 +86,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         merge: how the replicas' models combine: ``"mean"`` (the weighted average, one all-reduce)
             or any :class:`~lightning_fedopt.merging.Merge` / name (one all-gather; deltas for TIES,
             DARE, task arithmetic and model stock are taken from the last round's result, and the
-            replicas' deltas are averaged, not added: see :mod:`~lightning_fedopt.strategies._local_merge`).
+            replicas' deltas are averaged, not added: see :mod:`~lightning_fedopt.strategies.local_sgd.merge`).
             A merge that needs more models than there are replicas is refused at set-up.
         compressor: compress the model deltas of the synchronisations: a
             :class:`~lightning_fedopt.compression.Compressor`, a name such as ``"int8"``, or None.
@@ -222,14 +222,14 @@ class LocalSGDStrategy(ReplicaStrategy):
         return self.outer_comm.compression_ratio if self.compressor is not None else None
 
     @override
-    def _after_final_sync(self) -> None:
+    def after_final_sync(self) -> None:
         for g, t in zip(self._last_average, self.tracked_tensors()):
             g.copy_(t)
 
     @override
     def final_sync(self) -> None:
         if self.round_seconds is not None:
-            if self._steps_since_sync > 0:  # the last, partial round under the same normalised rule
+            if self.steps_since_sync > 0:  # the last, partial round under the same normalised rule
                 self.sync()
             return
         super().final_sync()
@@ -256,13 +256,13 @@ class LocalSGDStrategy(ReplicaStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
-        if self.selection is not None and not self._skip_step:
+        if self.selection is not None and not self.skipping_step:
             self._round_losses.add(out)
         return out
 
     def _round_participants(self) -> list[int]:
         """This round's participants; with ``selection`` after exchanging the round's losses."""
-        round_index = self._sync_count
+        round_index = self.sync_count
         if self.selection is None:
             return self.participants(round_index)
         losses = self._round_losses.gather(self.outer_comm, self.root_device)
@@ -271,8 +271,8 @@ class LocalSGDStrategy(ReplicaStrategy):
         return participants
 
     def _weight(self) -> float:
-        if self.weighting == "samples" and self._samples_since_sync > 0:
-            return float(self._samples_since_sync)
+        if self.weighting == "samples" and self.samples_since_sync > 0:
+            return float(self.samples_since_sync)
         return 1.0
 
     def _masked_sum(
@@ -285,7 +285,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         extra: Sequence[float] = (),
         compress: bool = False,
     ) -> MaskedSum:
-        """:func:`~lightning_fedopt.strategies._reduce.masked_sum` over the replicas, through the
+        """:func:`~lightning_fedopt.runtime.reduce.masked_sum` over the replicas, through the
         compressor when ``compress`` (the deltas from ``base``; exact float64 counters first)."""
         compressor = self.compressor if compress else None
         return masked_sum(
@@ -298,7 +298,7 @@ class LocalSGDStrategy(ReplicaStrategy):
             counters_dtype=torch.float64 if compressor is not None else None,
             device=None if tensors else self.root_device,
             compressor=compressor,
-            names=self._tracked_names if compressor is not None else None,
+            names=self.tracked.names if compressor is not None else None,
         ).wait()
 
     @override
@@ -390,7 +390,7 @@ class LocalSGDStrategy(ReplicaStrategy):
         return merge_round(
             self.merge,
             gather_models(self.outer_comm, tensors, purpose),
-            self._sync_count,
+            self.sync_count,
             base=self._last_average or None,
             names=[n for n, _ in self.tracked_named_tensors()],
             step=self.replica_step,

@@ -44,7 +44,7 @@ from lightning_fedopt.compression import (
 )
 from lightning_fedopt.compression.wire import decode, encode
 from lightning_fedopt.merging import Merge
-from lightning_fedopt.strategies._reduce import all_finite
+from lightning_fedopt.runtime.reduce import all_finite
 from lightning_fedopt.topology import Topology
 
 __all__ = ["TIME_VARYING", "ChocoCopies", "ChocoGossip", "check_choco", "choco_compressor"]
@@ -77,7 +77,7 @@ def choco_compressor(spec: Any) -> Compressor:
             )
         comp = COMPRESSORS[spec]()
         if getattr(comp, "error_feedback", False):
-            comp.error_feedback = False  # type: ignore[attr-defined]
+            vars(comp)["error_feedback"] = False  # CHOCO keeps its own estimate: no error feedback
     elif isinstance(spec, Compressor):
         comp = spec
     else:

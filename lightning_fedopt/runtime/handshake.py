@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lightning_fedopt.comm import Communicator
+from lightning_fedopt.errors import AgreementError
 
 __all__ = ["AgreementError", "agreement_fields", "check_agreement", "default_agreement_fields"]
 
@@ -37,15 +38,24 @@ _PER_RANK = frozenset(
     {
         "accelerator",
         "checkpoint_io",
+        "checkpoints",
         "cluster_environment",
         "comm",
+        "comms",
+        "consensus",
+        "faults",
         "lightning_module",
         "lr_scheduler_configs",
+        "meeting",
         "model",
         "optimizers",
         "parallel_devices",
+        "patches",
         "precision_plugin",
+        "run",
         "selection_history",
+        "tracked",
+        "validation",
     }
 )
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
@@ -53,10 +63,6 @@ _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 _SHOWN = 200
 #: fields shown in an error
 _SHOWN_FIELDS = 8
-
-
-class AgreementError(ValueError):
-    """The ranks are configured differently (raised on every rank, before the first step)."""
 
 
 def describe(value: Any) -> str:

@@ -26,25 +26,9 @@ import torch
 from torch import Tensor
 
 from lightning_fedopt.comm import Communicator, Handle
+from lightning_fedopt.errors import NoFiniteReplicaError
 
 __all__ = ["MaskedSum", "NoFiniteReplicaError", "PendingSum", "all_finite", "masked_sum"]
-
-
-class NoFiniteReplicaError(RuntimeError):
-    """Every replica taking part in a synchronisation has non-finite weights: nothing is left to
-    average. Resume from the last checkpoint (with a lower learning rate, or gradient clipping)."""
-
-    def __init__(
-        self, step: int | None = None, replicas: Sequence[int] | None = None, what: str = "average"
-    ) -> None:
-        who = "every participating replica" if replicas is None else f"replicas {sorted(replicas)} all"
-        at = "" if step is None else f" at step {step}"
-        super().__init__(
-            f"lightning_fedopt: {who} {'has' if replicas is None else 'have'} non-finite weights{at}; "
-            f"nothing is left to {what} (resume from the last checkpoint)"
-        )
-        self.step = step
-        self.replicas = None if replicas is None else list(replicas)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

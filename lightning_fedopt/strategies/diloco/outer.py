@@ -120,10 +120,6 @@ def resolve_compressor(compressor: Any) -> Any:
     (an instance or a name such as ``"int8"``) stands for."""
     if compressor is None:
         return None
-    try:
-        from lightning_fedopt.compression import get_compressor  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise ValueError(
-            "`compressor` needs lightning_fedopt.compression, which this installation does not have"
-        ) from err
+    from lightning_fedopt.compression import get_compressor
+
     return get_compressor(compressor)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fedopt.dimat import align, check_permutable, recompute_batchnorm
-from lightning_fedopt.strategies._reduce import all_finite
+from lightning_fedopt.runtime.reduce import all_finite
 
 __all__ = ["DimatAligner"]
 

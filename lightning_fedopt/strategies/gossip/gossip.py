@@ -26,7 +26,7 @@ NaN/Inf: a neighbour whose model is not finite is left out of the merge (the wei
 others are renormalised); a replica whose own model is not finite is reset to the merge of its
 finite neighbours, its optimizer state cleared, and the event reported.
 
-Compressed gossip (``compressor=``) is CHOCO-gossip (:mod:`lightning_fedopt.strategies._choco`):
+Compressed gossip (``compressor=``) is CHOCO-gossip (:mod:`lightning_fedopt.strategies.gossip.choco`):
 only compressed differences to public copies travel; global merges are exact and every copy
 restarts from the merged model. DIMAT alignment (``align=``): ``strategies/_gossip_align.py``.
 
@@ -50,11 +50,11 @@ from lightning_fedopt._flat import flatten, group_by_dtype, unflatten
 from lightning_fedopt._validate import check_choice, check_float, check_int, check_seed, check_str
 from lightning_fedopt.compression import Compressor
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge, as_merge
+from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, all_finite, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
-from lightning_fedopt.strategies._choco import ChocoCopies, ChocoGossip, check_choco, choco_compressor
-from lightning_fedopt.strategies._gossip_align import DimatAligner
-from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, all_finite, masked_sum
-from lightning_fedopt.strategies._sam import perturbed, sam_offsets
+from lightning_fedopt.strategies.gossip.align import DimatAligner
+from lightning_fedopt.strategies.gossip.choco import ChocoCopies, ChocoGossip, check_choco, choco_compressor
+from lightning_fedopt.strategies.local_sgd.sam import perturbed, sam_offsets
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 from lightning_fedopt.topology import TOPOLOGIES, Topology, from_matrix, make_topology
 
@@ -101,7 +101,7 @@ class GossipStrategy(ReplicaStrategy):
             final merge at the end of ``fit`` is ``final_sync``).
         topology_seed: seed of ``"random_matching"``'s round-seeded matchings.
         warmup_steps: gossip after every one of the first ``warmup_steps`` steps (>= 0).
-        compressor: compress the gossip messages (CHOCO-gossip, :mod:`~lightning_fedopt.strategies._choco`):
+        compressor: compress the gossip messages (CHOCO-gossip, :mod:`~lightning_fedopt.strategies.gossip.choco`):
             a :class:`~lightning_fedopt.compression.Compressor` without error feedback, or a name
             (``"int8"``, ``"int4"``, ``"fp16"``, ``"bf16"``, ``"sign"``, ``"topk"``; made with error feedback
             off); None for exact gossip. Needs a static topology and ``merge="mean"``/``"weighted"``.
@@ -196,7 +196,7 @@ class GossipStrategy(ReplicaStrategy):
             assert self.lightning_module is not None
             self._aligner = DimatAligner.for_module(self.lightning_module, self.align_module)
         self._round = 0
-        self._merged_step = self._replica_step
+        self._merged_step = self.replica_step
         self._choco = None
         if self.compressor is not None:
             if self.topology.time_varying:
@@ -211,7 +211,7 @@ class GossipStrategy(ReplicaStrategy):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        if self._aligner is not None and self.schedule.should_sync(self._replica_step + 1):
+        if self._aligner is not None and self.schedule.should_sync(self.replica_step + 1):
             self._aligner.capture(batch)
 
     @override
@@ -248,11 +248,11 @@ class GossipStrategy(ReplicaStrategy):
 
     @override
     def local_is_consensus(self) -> bool:
-        return self._merged_step == self._replica_step
+        return self._merged_step == self.replica_step
 
     @override
-    def _after_final_sync(self) -> None:
-        self._merged_step = self._replica_step
+    def after_final_sync(self) -> None:
+        self._merged_step = self.replica_step
         if self._choco is not None:  # every replica holds the merged model: so does every copy
             self._choco.reset(self.tracked_tensors())
 
@@ -275,7 +275,7 @@ class GossipStrategy(ReplicaStrategy):
 
         Without a compressor the message is a model, sent as one flat buffer per dtype. With one
         (CHOCO-gossip) it is ``x_i - x_hat_i``, compressed (:meth:`ChocoGossip.exchange
-        <lightning_fedopt.strategies._choco.ChocoGossip.exchange>`); the result then also holds this
+        <lightning_fedopt.strategies.gossip.choco.ChocoGossip.exchange>`); the result then also holds this
         replica's own message as the receivers decode it, under its own rank.
         """
         comm = self.outer_comm
@@ -359,18 +359,18 @@ class GossipStrategy(ReplicaStrategy):
         comm = self.outer_comm
         if self.merge.linear:
             return (
-                masked_sum(comm, message, purpose=purpose).wait().mean(step=self._replica_step, what="merge")
+                masked_sum(comm, message, purpose=purpose).wait().mean(step=self.replica_step, what="merge")
             )
         gathered = _transfer(
             message, lambda flat: dict(enumerate(comm.all_gather(flat, purpose=purpose).wait()))
         )
         contributions = [
-            Contribution(r, self._replica_step, tuple(model))
+            Contribution(r, self.replica_step, tuple(model))
             for r, model in sorted(gathered.items())
             if all_finite(model)
         ]
         if not contributions:
-            raise NoFiniteReplicaError(self._replica_step, what="merge")
+            raise NoFiniteReplicaError(self.replica_step, what="merge")
         if len(contributions) < self.merge.min_contributions():
             return Merge("mean")(ContributionSet(contributions))
         return self._merge_set(contributions, None)
@@ -381,7 +381,7 @@ class GossipStrategy(ReplicaStrategy):
 
     def in_merge_phase(self, step: int | None = None) -> bool:
         """Whether the round after optimizer step ``step`` is a global merge (``merge_from``)."""
-        step = self._replica_step if step is None else step
+        step = self.replica_step if step is None else step
         return self._merge_from_step is not None and step >= self._merge_from_step
 
     # ---------------------------------------------------------------- the round
@@ -403,7 +403,7 @@ class GossipStrategy(ReplicaStrategy):
             if not was_finite:
                 self.record_nonfinite(1, local=True)
                 self.reset_optimizer_state()
-            self._merged_step = self._replica_step
+            self._merged_step = self.replica_step
             if self._choco is not None:  # the replicas agree on the merged model: so do the copies
                 self._choco.reset(tensors)
             info["global_merge"] = 1.0
@@ -428,7 +428,7 @@ class GossipStrategy(ReplicaStrategy):
         if (
             self.sam_rho is not None
         ):  # with `group_size`, on the group's mean gradient: the members stay identical
-            closure = _sam_closure(optimizer, closure, self.sam_rho, self._average_gradients_in_group)
+            closure = _sam_closure(optimizer, closure, self.sam_rho, self.average_gradients_in_group)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
 
@@ -493,7 +493,8 @@ def _sam_closure(
             optimizer.zero_grad()
             closure()
         if first is not None:
-            closure._result = first  # type: ignore[attr-defined]  # Lightning reports the loss at y
+            lightning_closure: Any = closure  # Lightning's Closure keeps the step's result
+            lightning_closure._result = first  # Lightning reports the loss at y
         return loss
 
     return sam

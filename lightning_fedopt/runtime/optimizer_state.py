@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedopt.comm import Communicator
-from lightning_fedopt.strategies._reduce import masked_sum
+from lightning_fedopt.runtime.reduce import masked_sum
 
 __all__ = ["average_optimizer_state", "optimizer_state_tensors"]
 

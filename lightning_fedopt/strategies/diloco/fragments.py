@@ -28,8 +28,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_int
+from lightning_fedopt.runtime.reduce import MaskedSum, PendingSum, all_finite
 from lightning_fedopt.schedules import SyncSchedule
-from lightning_fedopt.strategies._reduce import MaskedSum, PendingSum, all_finite
 
 __all__ = [
     "LAYOUTS",
@@ -222,7 +222,7 @@ class Fragment:
 def pseudo_gradients(
     local: list[Tensor], outer_weights: list[Tensor], is_param: list[bool], steps: int
 ) -> tuple[list[Tensor], bool, bool]:
-    """This replica's contribution for :func:`~lightning_fedopt.strategies._reduce.masked_sum`:
+    """This replica's contribution for :func:`~lightning_fedopt.runtime.reduce.masked_sum`:
     ``(phi - theta) / steps`` for a parameter (the pseudo-gradient, per step taken), the value
     itself for a buffer, all zeros when ``local`` is not finite or no step was taken.
 
@@ -249,7 +249,7 @@ class InFlight:
         fragment: the fragment it carries, or ``None`` for every fragment at once.
         indices: the tracked tensors it carries (ascending).
         apply_step: the replica step after which it is applied.
-        pending: the all-reduce (:func:`~lightning_fedopt.strategies._reduce.masked_sum`).
+        pending: the all-reduce (:func:`~lightning_fedopt.runtime.reduce.masked_sum`).
         local_finite: whether this replica's tensors were finite at launch.
         result: what the all-reduce delivered, once waited for (None before).
     """

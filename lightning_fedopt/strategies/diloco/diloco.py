@@ -13,13 +13,13 @@ at its offset and applied ``tau`` steps later (the transfer overlaps ``tau`` loc
 apply the fragment becomes ``phi_new + alpha (theta_local - phi_new)``. Which fragment is in flight
 is a function of the step count, so every rank agrees without talking. The fragments are
 contiguous runs of tensors, or whole layers dealt round-robin (``fragment_layout="strided"``, the
-paper's layout); see :mod:`lightning_fedopt.strategies._fragments`.
+paper's layout); see :mod:`lightning_fedopt.strategies.diloco.fragments`.
 
 Buffers (e.g. BatchNorm running statistics) are averaged; parameters go through the outer
 optimizer. The averaged statistics were estimated with the replicas' weights, not the outer
 weights, so whenever the consensus is used (validation, checkpoints, the model ``fit`` returns)
 they are re-estimated for the outer weights on each replica's last ``bn_recalibration`` training
-batches (default 8; see :mod:`~lightning_fedopt.strategies._batchnorm`). A replica whose weights
+batches (default 8; see :mod:`~lightning_fedopt.runtime.batchnorm`). A replica whose weights
 are non-finite contributes nothing, is reset to the new outer weights and its inner optimizer
 state is cleared.
 
@@ -39,8 +39,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int
+from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
-from lightning_fedopt.strategies._fragments import (
+from lightning_fedopt.strategies.diloco.fragments import (
     LAYOUTS,
     Fragment,
     FragmentEvents,
@@ -51,8 +52,7 @@ from lightning_fedopt.strategies._fragments import (
     split_fragments,
     strided_fragments,
 )
-from lightning_fedopt.strategies._outer import OuterOptimizerFactory, outer_factory, resolve_compressor
-from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, masked_sum
+from lightning_fedopt.strategies.diloco.outer import OuterOptimizerFactory, outer_factory, resolve_compressor
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = [
@@ -255,7 +255,7 @@ class DiLoCoStrategy(ReplicaStrategy):
 
     @override
     def local_is_consensus(self) -> bool:
-        return self._steps_since_sync == 0 and self._at_global and self._inflight is None
+        return self.steps_since_sync == 0 and self._at_global and self._inflight is None
 
     @override
     def consensus_version(self) -> int:
@@ -263,7 +263,7 @@ class DiLoCoStrategy(ReplicaStrategy):
         return self._outer_steps if self.evaluate == "consensus" else self.replica_step
 
     @override
-    def _after_final_sync(self) -> None:
+    def after_final_sync(self) -> None:
         """Every replica took the consensus at the end of fit (after a stop the strategy could not
         foresee, or with re-estimated BatchNorm statistics): a round still in flight is completed
         (every rank launched it) and dropped, and the outer weights are what the replicas hold."""
@@ -282,7 +282,31 @@ class DiLoCoStrategy(ReplicaStrategy):
             list(range(len(self._outer_weights))) if fragment is None else self._fragments[fragment].indices
         )
 
-    def _launch(self, fragment: int | None, apply_step: int) -> InFlight:
+    # ---------------------------------------------------------------- what CO2 builds on
+    @property
+    def in_flight(self) -> InFlight | None:
+        """The round (or fragment) whose all-reduce is in flight, if any."""
+        return self._inflight
+
+    @in_flight.setter
+    def in_flight(self, value: InFlight | None) -> None:
+        self._inflight = value
+
+    @property
+    def at_global(self) -> bool:
+        """Whether the replica's weights are the global (outer) weights as they stand."""
+        return self._at_global
+
+    @at_global.setter
+    def at_global(self, value: bool) -> None:
+        self._at_global = value
+
+    @property
+    def outer_weights(self) -> list[Tensor]:
+        """The global (outer) weights, one per tracked tensor (on ``offload_global``'s device)."""
+        return self._outer_weights
+
+    def launch_round(self, fragment: int | None, apply_step: int) -> InFlight:
         """Compute this replica's pseudo-gradients of ``fragment`` (``None``: all) and start their
         all-reduce (asynchronous, except through a compressor); returns the round in flight."""
         tensors = self.tracked_tensors()
@@ -301,11 +325,11 @@ class DiLoCoStrategy(ReplicaStrategy):
             async_op=True,
             contribution=contribution,
             compressor=self.compressor,
-            names=[self._tracked_names[i] for i in idx] if self.compressor is not None else None,
+            names=[self.tracked.names[i] for i in idx] if self.compressor is not None else None,
         )
         return InFlight(fragment, idx, apply_step, pending, local_finite=contribution[2])
 
-    def _apply(self, f: InFlight | None = None) -> dict[str, float]:
+    def apply_round(self, f: InFlight | None = None) -> dict[str, float]:
         """Wait for an all-reduce (default: the one in flight) and take the outer step on its
         fragment(s); the replicas' fragment(s) then restart from the new outer weights."""
         if f is None:
@@ -372,19 +396,19 @@ class DiLoCoStrategy(ReplicaStrategy):
     @override
     def sync(self) -> dict[str, float]:
         if not self._streaming:
-            self._inflight = self._launch(None, self._replica_step)
-            return self._apply()
+            self._inflight = self.launch_round(None, self.replica_step)
+            return self.apply_round()
         launch, apply = fragment_events(
-            self._replica_step, self.sync_every or 1, self.fragments, self.sync_delay
+            self.replica_step, self.sync_every or 1, self.fragments, self.sync_delay
         )
         info: dict[str, float] = {}
         if apply is not None:
-            info.update(self._apply())
+            info.update(self.apply_round())
             info["fragment_applied"] = float(apply)
         if launch is not None:
-            self._inflight = self._launch(launch, self._replica_step + self.sync_delay)
+            self._inflight = self.launch_round(launch, self.replica_step + self.sync_delay)
             if self.sync_delay == 0:
-                info.update(self._apply())
+                info.update(self.apply_round())
                 info["fragment_applied"] = float(launch)
             else:
                 info["fragment_launched"] = float(launch)
@@ -394,11 +418,11 @@ class DiLoCoStrategy(ReplicaStrategy):
     def final_sync(self) -> None:
         """Apply the fragment in flight, then one outer step of every fragment (the last, partial round)."""
         if self._inflight is not None:
-            self._apply()
-        if self._steps_since_sync == 0 and self._at_global:
+            self.apply_round()
+        if self.steps_since_sync == 0 and self._at_global:
             return
-        self._inflight = self._launch(None, self._replica_step)
-        self._apply()
+        self._inflight = self.launch_round(None, self.replica_step)
+        self.apply_round()
         self._at_global = True
 
 

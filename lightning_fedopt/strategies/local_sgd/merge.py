@@ -29,7 +29,7 @@ from torch import Tensor
 from lightning_fedopt._flat import flatten, group_by_dtype, unflatten
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.merging import Contribution, ContributionSet, Merge
-from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, all_finite
+from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, all_finite
 
 __all__ = ["check_merge_options", "check_merge_world", "gather_models", "merge_round"]
 

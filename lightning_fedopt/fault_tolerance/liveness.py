@@ -35,36 +35,11 @@ from datetime import timedelta
 from typing import Any
 
 from lightning_fedopt import comm as _comm
+from lightning_fedopt.errors import ReplicaLostError
 
 log = logging.getLogger("lightning_fedopt")
 
 __all__ = ["Liveness", "ReplicaLostError"]
-
-
-class ReplicaLostError(RuntimeError):
-    """One or more replicas stopped answering: dead, stopped or cut off.
-
-    Attributes:
-        ranks: the global ranks found lost (empty when none could be told apart).
-        step: this rank's optimizer step when the loss was noticed.
-        during: what the ranks were doing (e.g. ``"the synchronisation after step 8 (all_reduce)"``).
-    """
-
-    def __init__(self, ranks: list[int], step: int, during: str, detail: str = "") -> None:
-        self.ranks = list(ranks)
-        self.step = int(step)
-        self.during = during
-        who = (
-            f"replica rank(s) {', '.join(map(str, self.ranks))}"
-            if self.ranks
-            else "a replica (which one could not be told: every heartbeat is alive; a network partition?)"
-        )
-        super().__init__(
-            f"lightning_fedopt: lost {who} during {during} (this rank at step {self.step})"
-            + (f": {detail}" if detail else "")
-            + ". To keep training without it, run under torchrun's elastic agent with the strategy's "
-            "`elastic=True` (it resumes from the last synchronisation point at the new world size)"
-        )
 
 
 def _period(sync_timeout: float) -> float:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -30,7 +31,7 @@ __all__ = ["perturbed", "sam_offsets"]
 def sam_offsets(grads: Sequence[Tensor], rho: float) -> list[Tensor]:
     """``rho * g / (||g|| + 1e-12)`` per tensor, ``||g||`` the global 2-norm of all of ``grads``."""
     with torch.no_grad():
-        norm = float(torch.sqrt(sum(g.detach().double().pow(2).sum() for g in grads)))
+        norm = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
         scale = rho / (norm + 1e-12)
         return [g.detach() * scale for g in grads]
 

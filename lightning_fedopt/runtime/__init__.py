@@ -1,0 +1,1 @@
+"""The replica runtime: the parts a :class:`~lightning_fedopt.strategies.ReplicaStrategy` owns."""
