@@ -7,11 +7,17 @@ start methods, e.g. for notebooks).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_fedopt import callbacks, compression, data, elastic, merging, schedules, topology
+from lightning_fedopt import callbacks, compression, data, elastic, errors, merging, schedules, topology
 from lightning_fedopt.comm import CommStats, Communicator
-from lightning_fedopt.fault_tolerance.liveness import ReplicaLostError
+from lightning_fedopt.errors import (
+    AgreementError,
+    NoFiniteReplicaError,
+    PeerStoppedError,
+    PlainValueError,
+    ReplicaLostError,
+    ReplicasOutOfStepError,
+)
 from lightning_fedopt.merging import Merge
-from lightning_fedopt.runtime.meeting import ReplicasOutOfStepError
 from lightning_fedopt.runtime.registry import register_name
 from lightning_fedopt.schedules import Explicit, Increasing, LateBudget, Periodic, SyncSchedule
 from lightning_fedopt.strategies import (
@@ -31,6 +37,7 @@ from lightning_fedopt.topology import Topology
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreementError",
     "CO2Strategy",
     "CommStats",
     "Communicator",
@@ -44,8 +51,11 @@ __all__ = [
     "LocalSGDStrategy",
     "Merge",
     "MeteredDDPStrategy",
+    "NoFiniteReplicaError",
     "NoLoCoStrategy",
+    "PeerStoppedError",
     "Periodic",
+    "PlainValueError",
     "ReplicaLostError",
     "ReplicaStrategy",
     "ReplicasOutOfStepError",
@@ -56,6 +66,7 @@ __all__ = [
     "compression",
     "data",
     "elastic",
+    "errors",
     "merging",
     "schedules",
     "topology",

@@ -52,3 +52,38 @@ def test_group_size_must_divide_world_size():
         lf.LocalSGDStrategy(group_size=0)
     with pytest.raises(ValueError, match="group_size"):
         L.Trainer(accelerator="cpu", devices=3, strategy=lf.DiLoCoStrategy(group_size=2), logger=False)
+
+
+@pytest.mark.parametrize("name", ["diloco", "local_sgd"])
+def test_two_fits_and_a_validation_with_groups_on_four_ranks(tmp_path, name):
+    """One Trainer, ``group_size=2`` on 4 processes: fit, fit again, validate. Every part that lives
+    for an entry point is rebuilt (the groups are dropped at each teardown), every rank ends each fit
+    with the same weights, and the validation after fit scores the same model on every rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "tests/scripts/refit_groups.py", str(tmp_path), name],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    for r in range(1, 4):
+        assert_close_state(ranks[r]["first"], ranks[0]["first"], atol=0)
+        assert_close_state(ranks[r]["second"], ranks[0]["second"], atol=0)
+        assert ranks[r]["val"] == ranks[0]["val"]
+    for got in ranks:
+        assert got["dropped"] and got["outer_world"] == 2
+        assert got["steps"] == 6  # the second fit counts its own steps (a new fit, not a resume)
+    # the second fit trained on: the model moved
+    assert not torch.equal(ranks[0]["first"]["net.0.weight"], ranks[0]["second"]["net.0.weight"])

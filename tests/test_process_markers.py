@@ -16,6 +16,8 @@ from process_markers import TESTS, process_tests, processes_started, pytest_runt
 #: modules with tests that start processes (each module of tests/ is in exactly one of the two sets)
 PROCESS_MODULES = {
     "test_checkpoint_eval",
+    "test_sparseloco",
+    "test_torchft",
     "test_choco",
     "test_co2",
     "test_comm",
@@ -45,6 +47,8 @@ PROCESS_MODULES = {
 }
 SINGLE_PROCESS_MODULES = {
     "test_fuzz_arguments",
+    "test_plan",
+    "test_runtime_parts",
     "test_project",
     "test_compression",
     "test_dimat",

@@ -91,12 +91,11 @@ class LightningPatches:
         self._undo.append((f"callback.{id(callback)}", undo))
 
     def remove_at_fit_end(self) -> None:
-        """At ``on_fit_end``: remove the callbacks added ``until_fit_end``."""
+        """At ``on_fit_end``: remove the callbacks added ``until_fit_end``. Lightning is iterating
+        over ``trainer.callbacks`` then, so the list is replaced, not changed in place."""
         while self._at_fit_end:
             trainer, callback = self._at_fit_end.pop()
-            callbacks = callbacks_of(trainer)
-            if callback in callbacks:
-                callbacks.remove(callback)
+            vars(trainer)["callbacks"] = [c for c in callbacks_of(trainer) if c is not callback]
 
     def remove_all(self) -> None:
         """Undo every change, newest first."""
