@@ -5,7 +5,11 @@
     python -m benchmarks.project --params 1.2e8 --replicas 4 --link 100mbit --from benchmarks/results/lm_summary.csv
     python -m benchmarks.project --check benchmarks/results/lm_netns_100mbit_summary.csv
 
-A pure model (no torch): for each strategy (:data:`SPECS`, the rows of :mod:`benchmarks.lm`)
+The cost model itself (no torch) is the library's :mod:`lightning_fedopt.plan` (``Spec``,
+``bytes_per_round``, ``round_seconds``, ``exposed_seconds``, ``predict``; the planner a user runs
+is ``python -m lightning_fedopt.plan``); this script keeps what belongs to the benchmark: the rows
+of :mod:`benchmarks.lm` as specs (:data:`SPECS`), the compute time measured by it, and ``--check``.
+For each row:
 
 * bytes per synchronisation round per replica, from the cost model of :mod:`lightning_fedopt.comm`:
   a ring all-reduce of ``B`` bytes sends ``2(N-1)/N * B`` per rank; a payload of ``P`` values is
@@ -34,15 +38,28 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import math
-import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+from lightning_fedopt.plan import (
+    FP32,
+    INT4,
+    INT8,
+    Prediction,
+    Spec,
+    bytes_per_round,
+    exposed_seconds,
+    parse_rate,
+    predict,
+    round_seconds,
+)
 
 __all__ = [
+    "FP32",
     "INT4",
     "INT8",
     "SPECS",
@@ -50,44 +67,16 @@ __all__ = [
     "Spec",
     "bytes_per_round",
     "check",
+    "exposed_seconds",
     "main",
     "parse_rate",
     "predict",
     "round_seconds",
 ]
 
-FP32 = 4.0
-INT8 = 1.0 + 4.0 / 256  # one byte a value, one float32 scale a block of 256
-INT4 = 0.5 + 4.0 / 256  # half a byte a value, one float32 scale a block of 256
-_UNITS = {"": 1.0, "bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """How one strategy communicates.
-
-    Args:
-        kind: ``"all_reduce"`` (blocking ring all-reduce), ``"overlapped"`` (all-reduce hidden
-            behind the next ``every`` steps, CO2), ``"streaming"`` (``fragments`` parts, each
-            hidden behind ``delay`` steps) or ``"p2p"`` (the model to one partner, NoLoCo).
-        every: ``H``, optimizer steps per round.
-        bytes_per_value: payload bytes per parameter.
-        fragments: streaming DiLoCo's ``F``.
-        delay: streaming DiLoCo's ``sync_delay`` (steps a fragment's transfer may take).
-        ddp_steps: optimizer steps of DDP (a gradient all-reduce each) before the rounds start.
-    """
-
-    kind: str
-    every: int = 1
-    bytes_per_value: float = FP32
-    fragments: int = 1
-    delay: int = 0
-    ddp_steps: int = 0
-
-
 #: the rows of :mod:`benchmarks.lm`
 SPECS: dict[str, Spec] = {
-    "ddp": Spec("all_reduce", 1),
+    "ddp": Spec("ddp"),
     "post_local_sgd": Spec("all_reduce", 16, ddp_steps=64),
     "local_sgd": Spec("all_reduce", 16),
     "diloco_h16": Spec("all_reduce", 16),
@@ -99,102 +88,6 @@ SPECS: dict[str, Spec] = {
     "co2": Spec("overlapped", 64),
     "noloco": Spec("p2p", 64),
 }
-
-
-def parse_rate(text: str) -> float:
-    """A ``tc``-style rate (``"100mbit"``, ``"1gbit"``, ``"2.5Gbit"``, ``"800kbit"``, bits/s if bare) in bits/s."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if m is None or m.group(2) not in _UNITS:
-        raise ValueError(f"`rate` must look like 100mbit, 1gbit, 800kbit or a number of bits/s, got {text!r}")
-    rate = float(m.group(1)) * _UNITS[m.group(2)]
-    if not rate > 0:
-        raise ValueError(f"`rate` must be > 0, got {text!r}")
-    return rate
-
-
-def bytes_per_round(spec: Spec, params: float, replicas: int) -> float:
-    """Bytes one replica sends in one round of ``spec`` (all fragments of a streaming round together)."""
-    if replicas <= 1:
-        return 0.0
-    payload = params * spec.bytes_per_value
-    if spec.kind == "p2p":
-        return payload
-    return 2 * (replicas - 1) / replicas * payload
-
-
-def round_seconds(
-    spec: Spec, nbytes: float, replicas: int, rate: float, latency: float = 0.0, efficiency: float = 1.0
-) -> float:
-    """Seconds one round of ``nbytes`` per replica takes on links of ``rate`` bits/s (each fragment
-    of a streaming round pays the latency)."""
-    if replicas <= 1:
-        return 0.0
-    hops = 1 if spec.kind == "p2p" else 2 * (replicas - 1)
-    return 8 * nbytes / (rate * efficiency) + hops * latency * max(1, spec.fragments)
-
-
-def exposed_seconds(spec: Spec, seconds: float, compute: float, ddp_overlap: float = 0.0) -> float:
-    """Seconds of one round the training waits for, given ``compute`` seconds per step."""
-    if spec.kind == "overlapped":
-        return max(0.0, seconds - spec.every * compute)
-    if spec.kind == "streaming":
-        return spec.fragments * max(0.0, seconds / spec.fragments - spec.delay * compute)
-    if spec.every == 1:  # DDP: the all-reduce may overlap the backward pass
-        return max(0.0, seconds - ddp_overlap * compute)
-    return seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """One strategy's numbers per optimizer step (averaged over ``steps`` when given)."""
-
-    name: str
-    bytes_per_step: float
-    round_seconds: float
-    exposed_per_step: float
-    compute: float
-
-    @property
-    def step_seconds(self) -> float:
-        return self.compute + self.exposed_per_step
-
-    @property
-    def comm_share(self) -> float:
-        """Share of wall time spent waiting for communication."""
-        return self.exposed_per_step / self.step_seconds if self.step_seconds > 0 else 0.0
-
-
-def predict(
-    name: str,
-    spec: Spec,
-    params: float,
-    replicas: int,
-    rate: float,
-    compute: float,
-    *,
-    latency: float = 0.0,
-    efficiency: float = 1.0,
-    ddp_overlap: float = 0.0,
-    steps: int | None = None,
-    round_bytes: float | None = None,
-) -> Prediction:
-    """The prediction for one strategy (``round_bytes``: measured bytes per round instead of the
-    cost model's; ``steps``: average a post-local SGD warm-up over a run of that many steps)."""
-    nbytes = bytes_per_round(spec, params, replicas) if round_bytes is None else round_bytes
-    secs = round_seconds(spec, nbytes, replicas, rate, latency, efficiency)
-    per_step_bytes = nbytes / spec.every
-    per_step_exposed = exposed_seconds(spec, secs, compute, ddp_overlap) / spec.every
-    if spec.ddp_steps:
-        ddp = SPECS["ddp"]
-        d_bytes = bytes_per_round(ddp, params, replicas)
-        d_exposed = exposed_seconds(
-            ddp, round_seconds(ddp, d_bytes, replicas, rate, latency, efficiency), compute, ddp_overlap
-        )
-        if steps is not None:  # else steady state: the warm-up is over
-            w = min(spec.ddp_steps, steps) / steps
-            per_step_bytes = w * d_bytes + (1 - w) * per_step_bytes
-            per_step_exposed = w * d_exposed + (1 - w) * per_step_exposed
-    return Prediction(name, per_step_bytes, secs, per_step_exposed, compute)
 
 
 # ====================================================================== inputs
@@ -225,13 +118,13 @@ def check(
     latency: float = 0.0,
     efficiency: float = 1.0,
     compute_from: str = "own",
-) -> list[dict[str, float | str]]:
+) -> list[dict[str, Any]]:
     """Predicted vs measured mean step time for every run of a summary CSV that has a compute-only
     reference, a known rate (from its ``netns-<rate>`` mode, or ``rate``) and a :data:`SPECS` entry.
     Bytes per round: as counted by the run (sync bytes / syncs). Compute per step
     (``compute_from``): ``"own"``: the run's median step without a round where it has such steps
     (not DDP), else ``"single_par"``'s mean step. Prints the table, returns its rows."""
-    out = []
+    out: list[dict[str, Any]] = []
     for r in _read(path):
         name, spec = r["strategy"], SPECS.get(r["strategy"])
         link = parse_rate(rate) if rate else _rate_of(r["mode"])
@@ -299,7 +192,7 @@ def check(
             f"{o['measured_step_ms']:>8.2f} {o['error_pct']:>+6.1f}% {o['predicted_comm_share']:>9.1%} "
             f"{o['measured_comm_share']:>9.1%}"
         )
-    errs = [abs(o["error_pct"]) for o in out]
+    errs = [abs(float(o["error_pct"])) for o in out]
     print(
         f"median |error| of the predicted mean step time: {statistics.median(errs):.1f}% over {len(out)} runs"
     )
