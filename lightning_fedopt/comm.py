@@ -26,8 +26,8 @@ The compressed all-reduce (:func:`lightning_fedopt.compression.collective.all_re
 is built on these primitives and counted as the operations it is made of, at the compressed sizes:
 an ``all_to_all`` of ``N`` compressed chunks and an ``all_gather`` of one re-compressed chunk per
 rank (about ``2 (N-1)/N`` compressed sizes per rank), or an ``all_gather`` of whole compressed
-tensors (top-k), or an ``all_reduce`` of the payload (random projection). It adds its totals to
-:attr:`Communicator.compression_totals` and :attr:`Communicator.last_compressed`.
+tensors (top-k), or an ``all_reduce`` of the payload (random projection). Its byte totals belong to
+the compression layer (a compressor's ``totals``), not to the communicator.
 
 Seconds are wall-clock time the calling thread was blocked: the whole call for a blocking
 operation, the time inside :meth:`Handle.wait` for an asynchronous one. On CUDA the wait includes
@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -249,12 +249,6 @@ class Communicator:
         self.on_failure = on_failure
         #: set after a peer was lost: every later operation raises it at once, without the network
         self.failed: BaseException | None = None
-        #: uncompressed bytes (the tensors' own dtype) and compressed payload bytes that went
-        #: through the compressed all-reduce on this rank (filled by
-        #: :func:`lightning_fedopt.compression.collective.all_reduce_compressed`)
-        self.compression_totals = {"raw_bytes": 0, "compressed_bytes": 0}
-        #: what the last compressed all-reduce saw: ``{"excluded_nonfinite": ranks}``
-        self.last_compressed: dict[str, int] = {}
 
     # ----------------------------------------------------------------- topology of the group
     @property
@@ -494,11 +488,40 @@ class Communicator:
         mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups], timeout=self.timeout)
         return Communicator(group=mine, stats=self.stats, timeout=self.timeout, on_failure=self.on_failure)
 
+    # ----------------------------------------------------------------- compression (deprecated view)
+    #: registered by :mod:`lightning_fedopt.compression.collective` when it is imported (this module
+    #: imports nothing from compression): ``comm -> CompressionTotals`` of the compressed
+    #: all-reduces made through ``comm``. The totals are the compression layer's state; the three
+    #: read-only properties below only delegate, for callers not yet reading a compressor's ``totals``.
+    _compression_totals_view: ClassVar[Callable[[Communicator], Any] | None] = None
+
+    def _compression_totals(self) -> Any:
+        view = Communicator._compression_totals_view
+        return None if view is None else view(self)
+
+    @property
+    def compression_totals(self) -> dict[str, int]:
+        """Deprecated, read-only: ``{"raw_bytes", "compressed_bytes"}`` of the compressed
+        all-reduces made through this communicator (read ``compressor.totals`` instead)."""
+        t = self._compression_totals()
+        if t is None:
+            return {"raw_bytes": 0, "compressed_bytes": 0}
+        return {"raw_bytes": t.raw_bytes, "compressed_bytes": t.compressed_bytes}
+
+    @property
+    def last_compressed(self) -> dict[str, int]:
+        """Deprecated, read-only: ``{"excluded_nonfinite": ranks}`` of the last compressed
+        all-reduce made through this communicator, ``{}`` before one (read the record
+        ``all_reduce_compressed`` returns instead)."""
+        t = self._compression_totals()
+        return {} if t is None or not t.calls else {"excluded_nonfinite": t.excluded_nonfinite}
+
     @property
     def compression_ratio(self) -> float | None:
-        """Uncompressed / compressed bytes over every compressed all-reduce so far (None before)."""
-        c = self.compression_totals
-        return c["raw_bytes"] / c["compressed_bytes"] if c["compressed_bytes"] else None
+        """Deprecated, read-only: uncompressed / compressed bytes of the compressed all-reduces made
+        through this communicator (None before one; read ``compressor.totals.ratio`` instead)."""
+        t = self._compression_totals()
+        return None if t is None else t.ratio
 
     # ----------------------------------------------------------------- plain values
     def broadcast_object(self, obj: Any, src: int = 0, *, purpose: str = "control") -> Any:

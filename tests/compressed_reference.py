@@ -41,11 +41,14 @@ def simulate_all_reduce_compressed(
 
     Chunked compressors: the tensors of each dtype are concatenated, split into ``world`` chunks of
     ``ceil(n / world)`` values (zero-padded; padding keeps no error feedback); rank j's chunk is the mean of every rank's compressed
-    chunk j, compressed again by rank j. Gather / linear compressors: tensor by tensor. What would
+    chunk j, compressed again by rank j. Gather / linear compressors: tensor by tensor (gather: the
+    compressor's ``decompress_mean`` of the payloads, by default their sum over ``world``). What would
     not be smaller compressed travels dense (exact mean, in the tensors' dtype)."""
     world = len(per_rank)
     out: list[torch.Tensor | None] = [None] * len(names)
     comp = comps[0]
+    for c in comps:  # the collective tells every compressor how many ranks take part
+        c.set_world_size(world)
     if comp.collective == "chunked":
         groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(per_rank[0]):
@@ -83,9 +86,9 @@ def simulate_all_reduce_compressed(
             xs = [per_rank[r][i].detach().reshape(-1) for r in range(world)]
             if not goes_compressed(comp, t.numel(), t.dtype):
                 res = _dense_mean(xs if comp.collective == "gather" else [x.float() for x in xs])
-            elif comp.collective == "gather":  # whole payloads all-gathered
+            elif comp.collective == "gather":  # whole payloads all-gathered, averaged by the compressor
                 pays = [comps[r].compress(xs[r].float(), name, salt=r) for r in range(world)]
-                mean = comps[0].decompress_sum(pays) / world
+                mean = comps[0].decompress_mean(pays)
                 res = [comps[r].aggregate(name, mean) for r in range(world)][-1]
             else:  # linear: the payloads are averaged
                 pays = [comps[r].compress(xs[r].float(), name, salt=r) for r in range(world)]

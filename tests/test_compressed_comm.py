@@ -26,12 +26,17 @@ from lightning_fedopt.compression import (
     Int8,
     RandomProjection,
     Sign,
+    SparseLoCo,
     TopK,
     get_compressor,
 )
-from lightning_fedopt.compression.collective import all_reduce_compressed
+from lightning_fedopt.compression.collective import (
+    CompressionTotals,
+    all_reduce_compressed,
+    communicator_totals,
+)
 
-SPECS = ["int8", "int4", "sign", "topk", "fp16", "bf16", "randomprojection", "errorcontrol"]
+SPECS = ["int8", "int4", "sign", "topk", "fp16", "bf16", "randomprojection", "errorcontrol", "sparseloco"]
 ROUNDS = 3
 NAMES = ["w", "b"]
 LONG_ROUNDS = 40  # the error-feedback compressors' running sums against the true means'
@@ -40,6 +45,7 @@ LONG = {
     "topk": lambda: TopK(density=0.1),  # no momentum: what is sent tracks the inputs themselves
     "errorcontrol": lambda: ErrorControl(TopK(density=0.2), eta=0.2),
     "randomprojection": lambda: RandomProjection(ratio=0.3),
+    "sparseloco": lambda: SparseLoCo(topk=4, chunk=16, beta=1.0),  # beta 1: nothing decays
 }
 
 
@@ -59,6 +65,8 @@ def make_compressor(spec: str) -> Compressor:
         return get_compressor("randomprojection").__class__(ratio=0.3)
     if spec == "errorcontrol":
         return ErrorControl("topk", eta=0.2)
+    if spec == "sparseloco":
+        return SparseLoCo(topk=4, chunk=16)  # 25%: w (63 values) sends 16, b (5) sends 1
     return get_compressor(spec)
 
 
@@ -91,7 +99,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             ts = rank_tensors(rank, rnd)
             all_reduce_compressed(comm, ts, c, names=NAMES, purpose="sync")
             rounds.append([t.clone() for t in ts])
-        res[spec] = {"rounds": rounds, "stats": comm.stats.state_dict(), "ratio": comm.compression_ratio}
+        res[spec] = {
+            "rounds": rounds,
+            "stats": comm.stats.state_dict(),
+            "ratio": c.totals.ratio,
+            "totals": vars(c.totals).copy(),
+            "comm_ratio": comm.compression_ratio,  # the deprecated view on the communicator
+            "world_size": c.world_size,
+        }
     for spec, make in LONG.items():
         comm, c = Communicator(), make()
         rounds = []
@@ -105,8 +120,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ts = rank_tensors(rank, 0)
     if rank == world - 1:
         ts[0][0, 0] = float("nan")
-    all_reduce_compressed(comm, ts, make_compressor("int8"), names=NAMES)
-    res["nan"] = {"tensors": ts, "excluded": comm.last_compressed["excluded_nonfinite"]}
+    c = make_compressor("int8")
+    call = all_reduce_compressed(comm, ts, c, names=NAMES)
+    res["nan"] = {
+        "tensors": ts,
+        "excluded": call.excluded_nonfinite,
+        "owner": c.totals.excluded_nonfinite,
+        "comm": comm.last_compressed,  # the deprecated view on the communicator
+    }
     # everyone NaN: every rank raises (none hangs)
     bad = [torch.full((4,), float("nan"))]
     try:
@@ -122,9 +143,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     # what would not be smaller compressed travels dense: one fp32 value under int8, fp16 under FP16
     comm = Communicator()
     ts = [torch.full((1,), float(rank + 1)), torch.full((6,), rank + 0.1, dtype=torch.float16)]
-    all_reduce_compressed(comm, ts[:1], Int8(), names=["one"])
-    all_reduce_compressed(comm, ts[1:], FP16(), names=["half"])
-    res["dense"] = {"tensors": ts, "stats": comm.stats.state_dict(), "ratio": comm.compression_ratio}
+    c8, c16 = Int8(), FP16()
+    all_reduce_compressed(comm, ts[:1], c8, names=["one"])
+    all_reduce_compressed(comm, ts[1:], c16, names=["half"])
+    res["dense"] = {
+        "tensors": ts,
+        "stats": comm.stats.state_dict(),
+        "totals": [vars(c8.totals).copy(), vars(c16.totals).copy()],
+        "comm_totals": vars(communicator_totals(comm)).copy(),
+    }
     # op="sum": the mean times the number of ranks
     comm, c = Communicator(), make_compressor("int8")
     ts = rank_tensors(rank, 0)
@@ -202,9 +229,15 @@ def test_compressed_all_reduce(tmp_path_factory, world):
             p = sum(c.compressed_nbytes(n) for n in sizes) + 4
             assert stats["all_reduce"]["bytes_sent"] == ROUNDS * (2 * (world - 1) * p // world)
         assert ranks[0][spec]["ratio"] is not None and ranks[0][spec]["ratio"] > 0
+        assert ranks[0][spec]["comm_ratio"] == ranks[0][spec]["ratio"]
+        totals = ranks[0][spec]["totals"]
+        assert totals["calls"] == ROUNDS and totals["excluded_nonfinite"] == 0
+        assert totals["raw_bytes"] == ROUNDS * (63 * 4 + 5 * 8)
+        assert ranks[0][spec]["world_size"] == world  # the collective told the compressor
     # NaN on the last rank: excluded, the others' mean (within int8's bound) on every rank
     for r in range(world):
-        assert ranks[r]["nan"]["excluded"] == 1
+        assert ranks[r]["nan"]["excluded"] == ranks[r]["nan"]["owner"] == 1
+        assert ranks[r]["nan"]["comm"] == {"excluded_nonfinite": 1}
         assert all(torch.isfinite(t).all() for t in ranks[r]["nan"]["tensors"])
         assert torch.equal(ranks[r]["nan"]["tensors"][0], ranks[0]["nan"]["tensors"][0])
         assert "every rank's tensors hold NaN/Inf" in ranks[r]["all_nan"]
@@ -245,6 +278,17 @@ def test_small_tensors_are_packed_and_never_cost_more_than_dense(tmp_path_factor
         assert torch.equal(ranks[r]["dense"]["tensors"][1], half)
     by_op = ranks[0]["dense"]["stats"]["by_op"]
     c_half = chunk_len(6, world)
+    # nothing was smaller compressed: the payloads counted are the dense ones; the communicator's
+    # deprecated view adds up both compressors' calls
+    t8, t16 = ranks[0]["dense"]["totals"]
+    assert (t8["raw_bytes"], t8["compressed_bytes"]) == (4, 4 * world)
+    assert (t16["raw_bytes"], t16["compressed_bytes"]) == (12, 2 * c_half * world)
+    both = ranks[0]["dense"]["comm_totals"]
+    assert (
+        both["raw_bytes"] == 16
+        and both["compressed_bytes"] == t8["compressed_bytes"] + t16["compressed_bytes"]
+    )
+    assert both["calls"] == 2
     assert by_op["all_to_all"]["bytes_sent"] == (world - 1) * ((1 + 4) + (1 + 2 * c_half))
     assert by_op["all_gather"]["bytes_sent"] == (world - 1) * ((4 + 4) + (4 + 2 * c_half))
     # op="sum"
@@ -358,10 +402,23 @@ def test_single_process_goes_through_the_compressor():
     comm = Communicator()
     x = torch.randn(100)
     y = x.clone()
-    all_reduce_compressed(comm, [y], get_compressor("int4"))
+    c = get_compressor("int4")
+    assert comm.compression_ratio is None and comm.last_compressed == {}  # nothing compressed yet
+    call = all_reduce_compressed(comm, [y], c)
     assert not torch.equal(x, y) and float((x - y).abs().max()) <= 2 * float(x.abs().max()) / 7
     # 100 values, no padding: 50 bytes of codes + one fp32 scale (a partial block of 256)
-    assert comm.stats.bytes_sent == 0 and comm.compression_ratio == pytest.approx(400 / (50 + 4))
+    assert comm.stats.bytes_sent == 0 and c.totals.ratio == pytest.approx(400 / (50 + 4))
+    assert (call.raw_bytes, call.compressed_bytes, call.excluded_nonfinite) == (400, 54, 0)
+    assert c.world_size == 1
+    # the communicator's deprecated read-only view delegates to the compression layer
+    assert comm.compression_ratio == c.totals.ratio and comm.last_compressed == {"excluded_nonfinite": 0}
+    assert comm.compression_totals == {"raw_bytes": 400, "compressed_bytes": 54}
+    with pytest.raises(AttributeError):
+        comm.compression_totals = {}  # type: ignore[misc]
+    # a caller may count into its own totals instead of the compressor's
+    mine = CompressionTotals()
+    all_reduce_compressed(comm, [y], c, totals=mine)
+    assert mine.calls == 1 and c.totals.calls == 1 and communicator_totals(comm).calls == 2
 
 
 def test_bad_arguments():

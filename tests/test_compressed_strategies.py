@@ -262,9 +262,33 @@ class OneBitModule(KnownBatchModule):
         return lf.compression.OneBitAdam(self.parameters(), lr=0.01, warmup_steps=self.warmup)
 
 
+class SaveRatio(L.Callback):
+    """Writes the strategy's compression totals and ratio (and the communicator's deprecated view)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        s = trainer.strategy
+        torch.save(
+            {
+                "totals": vars(s.compression_totals).copy(),
+                "ratio": s.compression_ratio,
+                "comm_ratio": s.comm.compression_ratio,
+            },
+            self.out / f"ratio{trainer.global_rank}.pt",
+        )
+
+
 def test_onebit_adam_matches_reference(tmp_path):
     """3 warm-up steps of full-precision Adam, then 5 steps of 1-bit compressed momentum."""
-    ranks = fit_fork(tmp_path, OneBitModule(warmup=3), compressed_ddp(preset="onebit"), max_steps=8)
+    ranks = fit_fork(
+        tmp_path,
+        OneBitModule(warmup=3),
+        compressed_ddp(preset="onebit"),
+        max_steps=8,
+        callbacks=[SaveRatio(tmp_path)],
+    )
     ref = reference_onebit(2, 8, 3)
     for r in range(2):
         assert_close_state(ranks[r]["state_dict"], ref, atol=1e-5)
@@ -274,6 +298,17 @@ def test_onebit_adam_matches_reference(tmp_path):
     assert diff > 1e-3, diff
     by_op = ranks[0]["comm"]["by_op"]
     assert by_op["all_to_all"]["rounds"] == 5 and by_op["all_reduce"]["rounds"] >= 3
+    # the momenta's bytes are the optimizer's compressor's, and the strategy's ratio includes them:
+    # 5 steps of 97 fp32 values packed into 2 chunks of 49, each ceil(49 / 8) bytes of signs + a scale
+    for r in range(2):
+        saved = torch.load(tmp_path / f"ratio{r}.pt", weights_only=False)
+        totals = saved["totals"]
+        assert (totals["calls"], totals["raw_bytes"], totals["compressed_bytes"]) == (
+            5,
+            5 * 97 * 4,
+            5 * 2 * 11,
+        )
+        assert saved["ratio"] == pytest.approx(97 * 4 / 22) and saved["comm_ratio"] == saved["ratio"]
 
 
 def test_onebit_preset_needs_onebit_adam(tmp_path):

@@ -16,11 +16,13 @@ from lightning_fedopt.compression import (
     ErrorControl,
     Int4,
     Int8,
+    OneBitAdam,
     RandomProjection,
     Sign,
     TopK,
     get_compressor,
 )
+from lightning_fedopt.compression.base import CompressionTotals
 from lightning_fedopt.compression.kernels import reference
 
 
@@ -201,6 +203,70 @@ def test_topk_warmup_schedule_and_clipping():
     # clipping: the first call's sent values have norm <= 1 (no accumulated error yet)
     c2 = TopK(density=1.0, clip_norm=1.0)
     assert float(c2.decompress(c2.compress(_x(100) * 50)).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_topk_clip_threshold_scales_with_the_world_size():
+    """DGC (Lin et al. 2018, local gradient clipping): N nodes' independent gradients add up to
+    about sqrt(N) times one node's norm, so each node clips at clip_norm * N^-1/2. The compressed
+    all-reduce tells the compressor N (test_compressed_comm checks it on real ranks); alone N = 1."""
+    x = _x(100) * 50
+    alone = TopK(density=1.0, clip_norm=1.0)
+    assert alone.world_size == 1 and alone.local_clip_norm == 1.0
+    for n in (1, 4, 9):
+        c = TopK(density=1.0, clip_norm=1.0)
+        c.set_world_size(n)
+        assert c.local_clip_norm == pytest.approx(n**-0.5)
+        assert float(c.decompress(c.compress(x)).norm()) == pytest.approx(n**-0.5, rel=1e-5)
+    # a gradient already inside the local threshold is not touched
+    c = TopK(density=1.0, clip_norm=10.0)
+    c.set_world_size(4)
+    small = _x(100) * (4.0 / float(_x(100).norm()))  # norm 4 < 10 / 2
+    assert torch.allclose(c.decompress(c.compress(small)), small)
+    # EControl passes N on to its inner compressor; no clipping: nothing to scale
+    e = ErrorControl(TopK(density=1.0, clip_norm=2.0))
+    e.set_world_size(16)
+    assert e.world_size == 16 and e.inner.local_clip_norm == pytest.approx(0.5)
+    assert TopK().local_clip_norm is None
+
+
+def test_onebit_adam_bias_correction_as_documented():
+    """OneBitAdam's documented update (not DeepSpeed's, which corrects neither moment): Adam with
+    bias correction during the warm-up, then m as it is over sqrt(v / (1 - beta2^W)) + eps with
+    the variance frozen at step W. One process: nothing is communicated."""
+    lr, (b1, b2), eps, w = 0.1, (0.9, 0.999), 1e-8, 3
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = OneBitAdam([p], lr=lr, betas=(b1, b2), eps=eps, warmup_steps=w)
+    m, v, x, ds = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    for t in range(1, 7):
+        g = _x(4, seed=t)
+        p.grad = g.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        if t <= w:
+            v = b2 * v + (1 - b2) * g * g
+            x = x - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        else:
+            x = x - lr * m / ((v / (1 - b2**w)).sqrt() + eps)
+        ds = ds - lr * m / (v.sqrt() + eps)  # DeepSpeed's raw moments (same frozen v)
+        assert torch.allclose(p.detach(), x, atol=1e-6), t
+    assert opt.frozen and not torch.allclose(x, ds, atol=1e-3)
+
+
+def test_compression_totals():
+    t = CompressionTotals()
+    assert t.ratio is None and t.calls == 0
+    t.record(400, 54, excluded_nonfinite=1)
+    t.record(100, 46)
+    assert (t.raw_bytes, t.compressed_bytes, t.excluded_nonfinite, t.calls) == (500, 100, 0, 2)
+    assert t.ratio == 5.0
+    both = CompressionTotals.combined([t, CompressionTotals(100, 50, 1, 1)])
+    assert (both.raw_bytes, both.compressed_bytes, both.excluded_nonfinite, both.calls) == (600, 150, 1, 3)
+    # every compressor owns its totals; resetting the error state does not clear them
+    c = Int8()
+    assert c.totals.calls == 0 and c.totals is not Int8().totals
+    c.totals.record(8, 4)
+    c.reset_state()
+    assert c.totals.calls == 1 and "totals" not in str(c.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,18 @@ _target("FP16", compression.FP16, {}, "error_feedback")
 _target("Sign", compression.Sign, {}, "error_feedback")
 _target("Int8", compression.Int8, {}, "block", "rounding", "error_feedback", "seed")
 _target("Int4", compression.Int4, {}, "block", "rounding", "error_feedback", "seed")
+_target(
+    "SparseLoCo",
+    compression.SparseLoCo,
+    {},
+    "topk",
+    "chunk",
+    "beta",
+    "bits",
+    "range_sigmas",
+    "average",
+    "error_feedback",
+)
 _target("ErrorControl", compression.ErrorControl, {}, "compressor", "eta")
 _target("RandomProjection", compression.RandomProjection, {}, "ratio", "seed")
 _target(
@@ -406,6 +418,10 @@ def test_drawn_values(target: str, arg: str, value: Any) -> None:
 
 
 NOT_FUZZED = {
+    "AgreementError": "an exception the library raises, not configuration",
+    "NoFiniteReplicaError": "an exception the library raises, not configuration",
+    "PeerStoppedError": "an exception the library raises, not configuration",
+    "PlainValueError": "an exception the library raises, not configuration",
     "CommStats": "a counters dataclass the library fills, not configuration",
     "Communicator": "wraps a live process group (comm.py); exercised by the multi-process tests",
     "SyncSchedule": "abstract base class, no arguments",

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_int, check_str
+from lightning_fedopt.callbacks._scoring import log_every_n_steps
 from lightning_fedopt.strategies.replica import ReplicaStrategy
 
 __all__ = ["CommunicationMonitor"]
@@ -116,7 +117,7 @@ class CommunicationMonitor(Callback):
                 self._last_sync_count = strategy.sync_count
                 self._log(trainer)
             return
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or log_every_n_steps(trainer)
         if trainer.global_step % every == 0:  # (one optimizer per step under DDP)
             self._log(trainer)
 

@@ -26,6 +26,7 @@ from lightning_fedopt.compression.compressors import (
     Int8,
     RandomProjection,
     Sign,
+    SparseLoCo,
     TopK,
     get_compressor,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Payload",
     "RandomProjection",
     "Sign",
+    "SparseLoCo",
     "TopK",
     "all_reduce_compressed",
     "get_compressor",

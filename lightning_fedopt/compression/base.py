@@ -19,13 +19,16 @@ How a compressor takes part in the compressed all-reduce
   sparse values + indices, EControl);
 * ``"linear"``: the payloads themselves can be summed (random projection with shared directions),
   so they are all-reduced.
+
+What went through the compressed all-reduce is counted by the compression layer, not by the
+network: every call adds its uncompressed and compressed bytes (and how many ranks it left out for
+NaN/Inf) to a :class:`CompressionTotals`, by default the compressor's own :attr:`Compressor.totals`.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,7 +37,15 @@ from torch import Tensor
 
 from lightning_fedopt._validate import check_float, check_int
 
-__all__ = ["Compressor", "Payload", "check_block", "check_input", "check_unit", "stable_seed"]
+__all__ = [
+    "CompressionTotals",
+    "Compressor",
+    "Payload",
+    "check_block",
+    "check_input",
+    "check_unit",
+    "stable_seed",
+]
 
 
 @dataclass
@@ -72,6 +83,55 @@ class Payload:
             out.append(buf[off : off + nb].clone().view(t.dtype).view(t.shape))
             off += nb
         return Payload(tuple(out), self.numel, self.shape, self.dtype, self.meta)
+
+
+@dataclass
+class CompressionTotals:
+    """What went through the compressed all-reduce for one owner (a compressor's
+    :attr:`Compressor.totals`, or whatever the caller of
+    :func:`~lightning_fedopt.compression.collective.all_reduce_compressed` passed as ``totals``).
+
+    Attributes:
+        raw_bytes: bytes of the tensors in their own dtype, over every call.
+        compressed_bytes: bytes of the payloads this rank compressed (each tensor once, as a
+            worker; re-compressed server chunks are not counted), over every call.
+        excluded_nonfinite: ranks the **last** call left out because their tensors held NaN/Inf.
+        calls: compressed all-reduces counted.
+
+    Example:
+        >>> t = CompressionTotals()
+        >>> t.record(400, 54, excluded_nonfinite=0)
+        >>> t.ratio, t.calls
+        (7.407407407407407, 1)
+    """
+
+    raw_bytes: int = 0
+    compressed_bytes: int = 0
+    excluded_nonfinite: int = 0
+    calls: int = 0
+
+    @property
+    def ratio(self) -> float | None:
+        """``raw_bytes / compressed_bytes`` (None before anything was compressed)."""
+        return self.raw_bytes / self.compressed_bytes if self.compressed_bytes else None
+
+    def record(self, raw_bytes: int, compressed_bytes: int, excluded_nonfinite: int = 0) -> None:
+        """Add one call: its bytes add up, ``excluded_nonfinite`` becomes the call's."""
+        self.raw_bytes += int(raw_bytes)
+        self.compressed_bytes += int(compressed_bytes)
+        self.excluded_nonfinite = int(excluded_nonfinite)
+        self.calls += 1
+
+    @classmethod
+    def combined(cls, totals: Iterable[CompressionTotals]) -> CompressionTotals:
+        """The sum of several owners' totals (``excluded_nonfinite``: the sum of their last calls')."""
+        out = cls()
+        for t in totals:
+            out.raw_bytes += t.raw_bytes
+            out.compressed_bytes += t.compressed_bytes
+            out.excluded_nonfinite += t.excluded_nonfinite
+            out.calls += t.calls
+        return out
 
 
 def stable_seed(*parts: Any) -> int:
@@ -140,6 +200,12 @@ class Compressor:
 
     def __init__(self) -> None:
         self._state: dict[str, dict[str, Any]] = {}
+        #: bytes of the compressed all-reduces that used this compressor (not checkpointed, not
+        #: cleared by :meth:`reset_state`)
+        self.totals = CompressionTotals()
+        #: ranks of the compressed all-reduce this compressor last took part in (set by the
+        #: collective through :meth:`set_world_size`; 1 outside one)
+        self.world_size = 1
 
     # ------------------------------------------------------------------ public API
     def compress(
@@ -274,6 +340,16 @@ class Compressor:
         """``sum_i decompress(payloads[i])`` as a flat fp32 tensor (one fused pass where a kernel exists)."""
         return self._decompress_sum(list(payloads))
 
+    def decompress_mean(self, payloads: list[Payload]) -> Tensor:
+        """What the all-gather of ``payloads`` (one per valid rank) averages to, flat fp32: by
+        default ``decompress_sum(payloads) / len(payloads)``."""
+        return self.decompress_sum(payloads) / len(payloads)
+
+    def set_world_size(self, world_size: int) -> None:
+        """Told by the compressed all-reduce how many ranks take part (e.g. DGC's clipping scales
+        with it)."""
+        self.world_size = int(world_size)
+
     def aggregate(self, key: str, mean: Tensor) -> Tensor:
         """What the receivers use after a collective averaged the decompressed payloads of ``key``
         (identity, except for compressors that keep a shared estimate such as EControl)."""
@@ -336,11 +412,3 @@ class Compressor:
         c = int(st.get("calls", 0))
         st["calls"] = c + 1
         return c
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _isqrt(n: int) -> float:
-    return math.sqrt(n)

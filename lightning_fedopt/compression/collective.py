@@ -25,24 +25,29 @@ its dense bytes travels dense, in its own dtype, through the same messages: comp
 costs more than not compressing.
 
 A rank whose tensors hold NaN/Inf contributes nothing (its flag travels in the same message), the
-result is over the others, and ``comm.last_compressed["excluded_nonfinite"]`` says how many ranks
-were left out; if no rank is finite every rank raises. ``comm.compression_totals`` /
-``comm.compression_ratio`` add up the uncompressed and the compressed bytes of every call.
+result is over the others, and the call's :class:`~lightning_fedopt.compression.base.CompressionTotals`
+(returned) says in ``excluded_nonfinite`` how many ranks were left out; if no rank is finite every
+rank raises. The bytes are the compression layer's to count, not the network's: every call adds
+its uncompressed and compressed bytes to the compressor's :attr:`~Compressor.totals` (or to the
+``totals`` the caller passes), whose ``ratio`` is the compression ratio so far.
 
 Example (one process: the "mean" of one rank is its own value, compressed and decompressed):
 
     >>> import torch
     >>> from lightning_fedopt.comm import Communicator
     >>> from lightning_fedopt.compression import Int8
-    >>> comm, t = Communicator(), torch.tensor([0.0, -2.0, 254.0])
-    >>> all_reduce_compressed(comm, [t], Int8(block=8), names=["w"])
-    >>> t.tolist(), comm.compression_ratio      # 12 bytes sent as 3 codes + 1 scale
+    >>> comm, t, c = Communicator(), torch.tensor([0.0, -2.0, 254.0]), Int8(block=8)
+    >>> call = all_reduce_compressed(comm, [t], c, names=["w"])
+    >>> t.tolist(), c.totals.ratio      # 12 bytes sent as 3 codes + 1 scale
     ([0.0, -2.0, 254.0], 1.7142857142857142)
+    >>> call.raw_bytes, call.compressed_bytes, call.excluded_nonfinite
+    (12, 7, 0)
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,15 +59,17 @@ from lightning_fedopt._flat import flatten, group_by_dtype, unflatten
 from lightning_fedopt._validate import check_choice
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.compression import wire
-from lightning_fedopt.compression.base import Compressor, Payload
+from lightning_fedopt.compression.base import CompressionTotals, Compressor, Payload
 
 __all__ = [
     "SCHEMES",
     "ChunkedScheme",
+    "CompressionTotals",
     "GatherScheme",
     "LinearScheme",
     "Scheme",
     "all_reduce_compressed",
+    "communicator_totals",
     "travels_compressed",
 ]
 
@@ -134,10 +141,19 @@ class _Pack:
 
 class ChunkedScheme(Scheme):
     """Packed buffers, compressed chunk by chunk: all-to-all to the chunk owners, re-compressed
-    means all-gathered (see the module doc)."""
+    means all-gathered (see the module doc). :meth:`run` is :meth:`pack`, :meth:`exchange` and
+    :meth:`unpack`."""
 
     @override
     def run(self, tensors: list[Tensor], names: list[str], valid: bool) -> tuple[list[Tensor], int]:
+        packs = self.pack(tensors, names, valid)
+        gathered = self.exchange(packs, valid, tensors[0].device)
+        return self.unpack(packs, gathered, len(tensors))
+
+    def pack(self, tensors: list[Tensor], names: list[str], valid: bool) -> list[_Pack]:
+        """One :class:`_Pack` per dtype: the tensors flattened into ``N`` chunks of
+        ``ceil(numel / N)`` values (zeros when this rank is not valid), each chunk compressed with
+        the worker state (or kept dense when that would not be smaller); the bytes are counted."""
         comm, comp = self.comm, self.compressor
         n, rank = comm.world_size, comm.rank
         dev = tensors[0].device
@@ -161,34 +177,60 @@ class ChunkedScheme(Scheme):
             packs.append(_Pack(idx, ns, ts, numel, chunk, dense, worker))
             self.raw += numel * ts[0].element_size()
             self.compressed += sum(p.nbytes for p in worker)
+        return packs
+
+    def exchange(
+        self, packs: list[_Pack], valid: bool, device: torch.device
+    ) -> list[tuple[int, list[Payload]]]:
+        """The two messages: chunk ``j`` of every pack to rank ``j`` (all-to-all, with this rank's
+        valid flag), this rank's chunks averaged over the valid ranks and re-compressed with the
+        server state (:meth:`_serve`), then every rank's chunks to everyone (all-gather, with the
+        number of valid ranks). Returns each rank's ``(n_valid, payloads)``, in rank order."""
+        comm, rank, n = self.comm, self.comm.rank, self.comm.world_size
         rows = torch.stack(
-            [wire.encode([p.worker[j] for p in packs], int(valid), device=dev) for j in range(n)]
+            [wire.encode([p.worker[j] for p in packs], int(valid), device=device) for j in range(n)]
         )
         received = [
             wire.decode(row, [p.worker[rank] for p in packs])
             for row in comm.all_to_all(rows, purpose=self.purpose)
         ]
+        n_valid, servers = self._serve(packs, received, device)
+        own = wire.encode(servers, n_valid, header_dtype=torch.int32, device=device)
+        gathered = torch.stack(comm.all_gather(own, purpose=self.purpose).wait())
+        return [wire.decode(row, servers, header_dtype=torch.int32) for row in gathered]
+
+    def _serve(
+        self, packs: list[_Pack], received: list[tuple[int, list[Payload]]], device: torch.device
+    ) -> tuple[int, list[Payload]]:
+        """This rank's chunk of every pack: the mean of the valid ranks' chunks, compressed again
+        (server state under ``"<name>/s"``) or dense in the tensors' dtype."""
+        comp, rank = self.compressor, self.comm.rank
         n_valid = sum(flag for flag, _ in received)
-        servers = []
+        servers: list[Payload] = []
         for g, p in enumerate(packs):
             mine = [pays[g] for flag, pays in received if flag]
             if p.dense:
-                total = _dense_sum(mine, p.chunk, dev)
+                total = _dense_sum(mine, p.chunk, device)
                 servers.append(_dense(total / max(n_valid, 1), p.tensors[0].dtype))
             else:
-                total = comp.decompress_sum(mine) if mine else torch.zeros(p.chunk, device=dev)
+                total = comp.decompress_sum(mine) if mine else torch.zeros(p.chunk, device=device)
                 sizes = [t.numel() for t in p.tensors]
                 keys = [f"{x}/s" for x in p.names]
                 servers += comp.compress_packed(
                     total / max(n_valid, 1), keys, sizes, offset=rank * p.chunk, tag="s", salt=rank
                 )
-        own = wire.encode(servers, n_valid, header_dtype=torch.int32, device=dev)
-        gathered = torch.stack(comm.all_gather(own, purpose=self.purpose).wait())
-        out: list[Tensor] = [torch.empty(0)] * len(tensors)
-        n_valid = 0
+        return n_valid, servers
+
+    def unpack(
+        self, packs: list[_Pack], gathered: list[tuple[int, list[Payload]]], count: int
+    ) -> tuple[list[Tensor], int]:
+        """Every rank's chunks decoded, concatenated and cut back into the ``count`` tensors
+        (flat, in their call order); the number of valid ranks the chunks' owners averaged."""
+        comp = self.compressor
+        out: list[Tensor] = [torch.empty(0)] * count
+        n_valid = gathered[-1][0] if gathered else 0  # the same count in every row
         parts: list[list[Tensor]] = [[] for _ in packs]
-        for row in gathered:
-            n_valid, pays = wire.decode(row, servers, header_dtype=torch.int32)
+        for _, pays in gathered:
             for g, (p, pay) in enumerate(zip(packs, pays)):
                 parts[g].append(pay.tensors[0] if p.dense else comp.decompress_sum([pay]))
         for p, chunks in zip(packs, parts):
@@ -199,8 +241,9 @@ class ChunkedScheme(Scheme):
 
 
 class GatherScheme(Scheme):
-    """Each tensor compressed whole, all payloads all-gathered, decoded and averaged by everyone;
-    the compressor's :meth:`~Compressor.aggregate` makes the result (EControl's shared estimate)."""
+    """Each tensor compressed whole, all payloads all-gathered, decoded and averaged by everyone
+    (:meth:`~Compressor.decompress_mean`); the compressor's :meth:`~Compressor.aggregate` makes the
+    result (EControl's shared estimate)."""
 
     @override
     def run(self, tensors: list[Tensor], names: list[str], valid: bool) -> tuple[list[Tensor], int]:
@@ -217,7 +260,7 @@ class GatherScheme(Scheme):
             elif d:
                 out.append(_dense_sum(got, t.numel(), dev) / n_valid)
             else:
-                out.append(comp.aggregate(name, comp.decompress_sum(got) / n_valid))
+                out.append(comp.aggregate(name, comp.decompress_mean(got)))
         return out, n_valid
 
 
@@ -254,6 +297,24 @@ class LinearScheme(Scheme):
 SCHEMES: dict[str, type[Scheme]] = {"chunked": ChunkedScheme, "gather": GatherScheme, "linear": LinearScheme}
 
 
+#: compatibility view for :class:`~lightning_fedopt.comm.Communicator`'s deprecated read-only
+#: ``compression_totals`` / ``last_compressed`` / ``compression_ratio``: the calls made through
+#: each communicator (comm.py imports nothing from compression; this module registers the view)
+_BY_COMM: weakref.WeakKeyDictionary[Communicator, CompressionTotals] = weakref.WeakKeyDictionary()
+
+
+def communicator_totals(comm: Communicator) -> CompressionTotals:
+    """The compressed all-reduces made through ``comm``, every compressor together (a copy).
+
+    Kept for :class:`~lightning_fedopt.comm.Communicator`'s deprecated ``compression_ratio``;
+    read a compressor's :attr:`~Compressor.totals` instead."""
+    t = _BY_COMM.get(comm)
+    return CompressionTotals() if t is None else CompressionTotals(**vars(t))
+
+
+Communicator._compression_totals_view = communicator_totals
+
+
 def all_reduce_compressed(
     comm: Communicator,
     tensors: Sequence[Tensor],
@@ -262,7 +323,8 @@ def all_reduce_compressed(
     names: Sequence[str] | None = None,
     purpose: str = "sync",
     op: str = "mean",
-) -> None:
+    totals: CompressionTotals | None = None,
+) -> CompressionTotals:
     """Average (``op="mean"``) or sum (``op="sum"``) ``tensors`` over the ranks **in place**,
     sending them compressed by the scheme of ``compressor.collective`` (module doc).
 
@@ -270,15 +332,20 @@ def all_reduce_compressed(
     ``op="sum"`` the result is the mean times the number of ranks averaged (a rank with NaN/Inf
     is left out of both). Bytes are counted under ``purpose`` at the compressed sizes; the time
     the call takes beyond its transfers (compression) under the operation
-    ``"all_reduce_compressed"``.
+    ``"all_reduce_compressed"``. The compressor is told the world size first
+    (:meth:`~Compressor.set_world_size`).
 
     Args:
-        comm: the communicator (its ``compression_totals`` and ``last_compressed`` are updated).
+        comm: the communicator.
         tensors: floating-point tensors, reduced in place (any shapes and float dtypes).
         compressor: the :class:`~lightning_fedopt.compression.Compressor` (its state persists).
         names: one key per tensor for the compressor's state (default: the position).
         purpose: traffic label.
         op: ``"mean"`` or ``"sum"``.
+        totals: where the call's bytes and excluded ranks are added (default: ``compressor.totals``).
+
+    Returns:
+        this call alone: its uncompressed and compressed bytes and the ranks it left out.
 
     Raises:
         ValueError: for non-float tensors, empty tensors, ``names`` of the wrong length or an
@@ -304,10 +371,12 @@ def all_reduce_compressed(
             f"all_reduce_compressed: unknown compressor.collective {compressor.collective!r} "
             f"(one of {sorted(SCHEMES)})"
         )
+    call = CompressionTotals()
     if not tensors:
-        return
+        return call
     t0, seconds0 = time.perf_counter(), comm.stats.seconds
     valid = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one device sync
+    compressor.set_world_size(comm.world_size)
     scheme = scheme_cls(comm, compressor, purpose)
     results, n_valid = scheme.run(tensors, names, valid)
     if n_valid == 0:
@@ -319,9 +388,13 @@ def all_reduce_compressed(
             t.copy_(r.view(t.shape))
             if op == "sum":
                 t.mul_(n_valid)
-    comm.compression_totals["raw_bytes"] += scheme.raw
-    comm.compression_totals["compressed_bytes"] += scheme.compressed
-    comm.last_compressed = {"excluded_nonfinite": comm.world_size - n_valid}
+    call.record(scheme.raw, scheme.compressed, comm.world_size - n_valid)
+    for owner in (
+        compressor.totals if totals is None else totals,
+        _BY_COMM.setdefault(comm, CompressionTotals()),
+    ):
+        owner.record(call.raw_bytes, call.compressed_bytes, call.excluded_nonfinite)
     # the transfers counted their own time: add the rest (compression, decoding)
     elapsed = time.perf_counter() - t0 - (comm.stats.seconds - seconds0)
     comm.stats.add_seconds("all_reduce_compressed", purpose, max(0.0, elapsed))
+    return call

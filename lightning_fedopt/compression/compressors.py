@@ -1,4 +1,5 @@
-"""The compressors: casts, blockwise int8/int4, 1-bit sign, EControl, random projection (top-k: :mod:`.topk`).
+"""The compressors: casts, blockwise int8/int4, 1-bit sign, EControl, random projection (top-k:
+:mod:`.topk`; SparseLoCo's chunked top-k with 2-bit values: :mod:`.sparseloco`).
 
 Formulas and references: ``docs/algorithms.md`` (Compression). All of them compress a flat fp32 copy
 of the input and decompress to the input's shape and dtype.
@@ -16,6 +17,7 @@ from typing_extensions import override
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_seed
 from lightning_fedopt.compression import kernels
 from lightning_fedopt.compression.base import Compressor, Payload, check_block, check_unit, stable_seed
+from lightning_fedopt.compression.sparseloco import SparseLoCo
 from lightning_fedopt.compression.topk import TopK
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Int8",
     "RandomProjection",
     "Sign",
+    "SparseLoCo",
     "TopK",
     "get_compressor",
 ]
@@ -164,6 +167,12 @@ class Int8(_Blockwise):
 class Int4(_Blockwise):
     """Blockwise absmax int4: ``scale = max|x| / 7``, two values per byte (codes ``q + 8``).
 
+    These are block *integers*: per block of ``block`` values one fp32 scale and symmetric 4-bit
+    integers ``q`` in [-7, 7] (uniform levels ``q * scale``), not the 4-bit floating-point
+    formats (FP4, e.g. E3M0 / E2M1, with exponent bits and non-uniform levels) of the low-precision
+    communication papers; a result measured with FP4 there does not carry over to this compressor
+    as is.
+
     Same arguments as :class:`Int8`. Round-trip error per value at most ``scale / 2`` (nearest).
 
     Example:
@@ -282,6 +291,11 @@ class ErrorControl(Compressor):
         return self.inner.decompress_sum(payloads)
 
     @override
+    def set_world_size(self, world_size: int) -> None:
+        super().set_world_size(world_size)
+        self.inner.set_world_size(world_size)
+
+    @override
     def aggregate(self, key: str, mean: Tensor) -> Tensor:
         hg = self._buffer(key, "H", mean)
         hg.add_(mean.reshape(-1).float())
@@ -328,7 +342,9 @@ class RandomProjection(Compressor):
 
     def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
         super().__init__()
-        self.ratio = check_unit("ratio", ratio)
+        # the argument's name is public API; the instance attribute shadows Compressor.ratio(),
+        # which this class does not use (its payload size comes from _k)
+        self.ratio = check_unit("ratio", ratio)  # type: ignore[method-assign, assignment]
         self.seed = check_seed("seed", seed)
 
     @override
@@ -336,7 +352,7 @@ class RandomProjection(Compressor):
         return {"ratio": self.ratio, "seed": self.seed}
 
     def _k(self, n: int) -> int:
-        return max(1, math.ceil(self.ratio * n))
+        return max(1, math.ceil(float(self.ratio) * n))  # type: ignore[arg-type]
 
     def _pieces(self, n: int, seed: int, device: torch.device):
         k = self._k(n)
@@ -373,7 +389,7 @@ class RandomProjection(Compressor):
 # ====================================================================== by name
 #: lowercase class name -> class, what :func:`get_compressor` accepts
 COMPRESSORS: dict[str, type[Compressor]] = {
-    c.name: c for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection)
+    c.name: c for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection, SparseLoCo)
 }
 
 

@@ -6,7 +6,19 @@ the variance ``v`` is frozen and the replicas communicate their *momentum* inste
 gradients: each computes ``m <- beta1 m + (1 - beta1) g`` from its local gradient, the momenta are
 averaged through a compressor (1-bit :class:`~lightning_fedopt.compression.Sign` with worker and
 server error feedback by default) and every replica applies ``x <- x - lr (m / (sqrt(v_hat) + eps)
-+ wd x)`` with the same averaged ``m`` (``v_hat``: the frozen, bias-corrected variance).
++ wd x)`` with the same averaged ``m`` (``v_hat``: the frozen variance, bias-corrected).
+
+Bias correction, a deliberate difference from DeepSpeed. Here the warm-up is torch's Adam (both
+moments corrected: ``m / (1 - beta1^t)``, ``v / (1 - beta2^t)``); once frozen, the variance keeps
+the correction of the step it froze at, ``v_hat = v / (1 - beta2^W)`` (``W = warmup_steps``), and
+the momentum is used as it is (``beta1^t`` is negligible after a warm-up of hundreds of steps).
+DeepSpeed's ``OnebitAdam`` (``deepspeed/runtime/fp16/onebit/adam.py``) takes a
+``bias_correction=True`` argument but never uses it: in both phases it steps with the raw moments,
+``x <- x - lr (m / (sqrt(v) + eps) + wd x)``. The two agree when ``beta2^W`` is negligible (DeepSpeed's
+default ``freeze_step`` is 100,000); after a short warm-up they do not (``W = 100``, ``beta2 = 0.999``:
+``1 - beta2^W = 0.095``, so a step here is ``sqrt(0.095) = 0.31`` times DeepSpeed's), and during the
+warm-up DeepSpeed's first step is ``(1 - beta1) / sqrt(1 - beta2)`` (3.2) times Adam's. A
+learning rate tuned for DeepSpeed's 1-bit Adam does not transfer as is.
 """
 
 from __future__ import annotations
@@ -64,11 +76,14 @@ class OneBitAdam(torch.optim.Optimizer):
     ) -> None:
         check_float("lr", lr, low=0.0, low_open=True)
         try:
-            betas = tuple(check_float("betas", b, low=0.0, high=1.0, high_open=True) for b in betas)
+            checked: tuple[float, ...] = tuple(
+                check_float("betas", b, low=0.0, high=1.0, high_open=True) for b in betas
+            )
         except (TypeError, ValueError):
-            betas = ()
-        if len(betas) != 2:
+            checked = ()
+        if len(checked) != 2:
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
+        betas = (checked[0], checked[1])
         check_float("eps", eps, low=0.0, low_open=True)
         check_float("weight_decay", weight_decay, low=0.0)
         warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
@@ -125,7 +140,7 @@ class OneBitAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             if frozen:
                 v_hat = st["exp_avg_sq"] / (1 - beta2**self.warmup_steps)
-                m_hat = st["exp_avg"]  # beta1^t has vanished after the warm-up (DeepSpeed's 1-bit Adam)
+                m_hat = st["exp_avg"]  # beta1^t is negligible after the warm-up (module doc)
             else:
                 v_hat = st["exp_avg_sq"] / (1 - beta2**t)
                 m_hat = st["exp_avg"] / (1 - beta1**t)

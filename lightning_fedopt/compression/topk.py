@@ -20,19 +20,11 @@ from lightning_fedopt.compression.base import Compressor, Payload, check_unit, s
 __all__ = ["TopK"]
 
 
-def _in_unit(x: Any) -> bool:
-    try:
-        check_unit("x", x)
-    except ValueError:
-        return False
-    return True
-
-
 # ====================================================================== top-k / DGC
 class TopK(Compressor):
     """Top-k sparsification with Deep Gradient Compression's machinery (Lin et al., arXiv 1712.01887).
 
-    Per key: optional local gradient clipping (``||g|| <= clip_norm``), momentum correction
+    Per key: optional local gradient clipping (``||g|| <= clip_norm / sqrt(N)``), momentum correction
     ``u <- m u + g; v <- v + u`` (``momentum=0``: plain error accumulation ``v <- v + g``), a
     threshold from the top-k of a strided random sample of ``|v|`` (``sample_fraction`` of the
     entries; lowered x0.8 up to 10 times while fewer than k entries pass, exact top-k among the
@@ -45,7 +37,13 @@ class TopK(Compressor):
     Args:
         density: fraction of values sent, in (0, 1].
         momentum: DGC's momentum ``m`` in [0, 1).
-        clip_norm: local gradient clipping norm (> 0) or None.
+        clip_norm: the global gradient clipping norm (> 0) or None. As in DGC ("local gradient
+            clipping ... we scale the threshold by N^-1/2", N the number of training nodes), each
+            rank clips its own gradient at ``clip_norm / sqrt(N)``, so that N independent
+            gradients of that norm add up to about ``clip_norm``. N is the world size of the
+            compressed all-reduce, which tells the compressor (:meth:`set_world_size`); used on
+            its own (e.g. by CHOCO-gossip, outside that collective) N is 1 and the threshold is
+            ``clip_norm`` itself.
         sample_fraction: fraction of entries sampled for the threshold, in (0, 1].
         warmup_densities: densities of the warm-up stages (each in (0, 1]), e.g.
             ``(0.25, 0.063, 0.015, 0.004)``.
@@ -95,6 +93,13 @@ class TopK(Compressor):
     def _repr_args(self) -> dict[str, Any]:
         return {"density": self.density, "momentum": self.momentum, "error_feedback": self.error_feedback}
 
+    @property
+    def local_clip_norm(self) -> float | None:
+        """The threshold each rank clips at: ``clip_norm / sqrt(world_size)`` (None: no clipping)."""
+        if self.clip_norm is None:
+            return None
+        return self.clip_norm / math.sqrt(max(1, self.world_size))
+
     def density_at(self, call: int) -> float:
         """Density of the ``call``-th compression of a key (warm-up stages, then ``density``)."""
         stage = call // self.warmup_steps
@@ -133,10 +138,11 @@ class TopK(Compressor):
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
         call = self._count(key)
         k = self.k_for(x.numel(), call)
-        if self.clip_norm is not None:
+        threshold = self.local_clip_norm
+        if threshold is not None:
             norm = float(torch.linalg.vector_norm(x))
-            if norm > self.clip_norm:
-                x = x * (self.clip_norm / norm)
+            if norm > threshold:
+                x = x * (threshold / norm)
         if self.error_feedback:
             v = self._buffer(key, "v", x)
             if self.momentum > 0:

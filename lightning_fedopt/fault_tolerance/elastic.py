@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m lightning_fedopt.fault_tolerance.elastic store --host H --port P``: host a rendezvous store for
     ``torchrun --rdzv-backend=c10d --rdzv-endpoint=H:P --rdzv-conf is_host=false`` on a machine that
     outlives the training nodes (torch's ``TCPStore``; the agents keep their state in it)."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_fedopt.fault_tolerance.elastic", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_fedopt.fault_tolerance.elastic", description=main.__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     store = sub.add_parser("store", help="host the rendezvous store until killed")
     store.add_argument("--host", default="0.0.0.0")

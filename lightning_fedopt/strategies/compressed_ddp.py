@@ -22,21 +22,22 @@ the checkpoint, in ``<checkpoint>.replicas/rank<r>.pt``, and reads it back on re
 after checking that the shard is this rank's shard of that checkpoint).
 """
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool
 from lightning_fedopt.comm import GradBucket
 from lightning_fedopt.compression import Compressor, OneBitAdam, Sign, TopK, get_compressor
-from lightning_fedopt.compression.collective import all_reduce_compressed
-from lightning_fedopt.strategies._handshake import agreement_fields, check_agreement
-from lightning_fedopt.strategies._optimizer_state import optimizer_state_tensors
-from lightning_fedopt.strategies._reduce import NoFiniteReplicaError, all_finite
-from lightning_fedopt.strategies._registry import register_name
-from lightning_fedopt.strategies._shards import (
+from lightning_fedopt.compression.collective import CompressionTotals, all_reduce_compressed
+from lightning_fedopt.runtime.handshake import agreement_fields, check_agreement
+from lightning_fedopt.runtime.optimizer_state import optimizer_state_tensors
+from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, all_finite
+from lightning_fedopt.runtime.registry import register_name
+from lightning_fedopt.runtime.shards import (
     CHECKPOINT_KEY,
     check_meta,
     load_verified_shard,
@@ -90,14 +91,14 @@ def compressed_allreduce_hook(
     if not valid and sparse_i and dense_i:  # NaN only in a dense tensor: leave the whole replica out
         grads[sparse_i[0]].fill_(float("nan"))
     if sparse_i:
-        all_reduce_compressed(
+        call = all_reduce_compressed(
             comm,
             [grads[i] for i in sparse_i],
             strategy.compressor,
             names=[names[i] for i in sparse_i],
             purpose="sync",
         )
-        excluded = comm.last_compressed.get("excluded_nonfinite", 0)
+        excluded = call.excluded_nonfinite
         if excluded:
             strategy.record_nonfinite(excluded)
             strategy.recover_after_step = True
@@ -152,7 +153,9 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         if preset is not None:
             if not isinstance(preset, str) or preset not in _PRESETS:
                 raise ValueError(f"`preset` must be one of {sorted(_PRESETS)}, got {preset!r}")
-            opts = _PRESETS[preset]()  # a new compressor per strategy: no state shared between runs
+            opts = cast(
+                dict[str, Any], _PRESETS[preset]()
+            )  # a new compressor per strategy: no state shared between runs
             compressor = opts["compressor"]
             require_onebit_adam = opts.get("require_onebit_adam", require_onebit_adam)
         comp = get_compressor(compressor)
@@ -171,9 +174,18 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
 
     # ------------------------------------------------------------------ state
     @property
+    def compression_totals(self) -> CompressionTotals:
+        """The compressed averages so far: the totals of the strategy's compressor and of the
+        compressors of its :class:`~lightning_fedopt.compression.OneBitAdam` optimizers (each
+        compressor once)."""
+        comps = [self.compressor, *(o.compressor for o in self._onebit_optimizers())]
+        unique = {id(c): c for c in comps if c is not None}
+        return CompressionTotals.combined(c.totals for c in unique.values())
+
+    @property
     def compression_ratio(self) -> float | None:
         """Uncompressed / compressed bytes of the compressed averages so far."""
-        return self.comm.compression_ratio
+        return self.compression_totals.ratio
 
     @property
     def nonfinite_events(self) -> list[dict[str, int]]:
@@ -181,12 +193,12 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         return list(self._nonfinite_events)
 
     def record_nonfinite(self, excluded: int) -> None:
-        self._nonfinite_events.append({"step": self._steps, "excluded": int(excluded)})
+        self._nonfinite_events.append({"step": self.replica_step, "excluded": int(excluded)})
         if self.global_rank == 0:
             log.warning(
                 "lightning_fedopt: %d replica(s) with NaN/Inf gradients left out of the average at step %d",
                 excluded,
-                self._steps,
+                self.replica_step,
             )
 
     @property
@@ -196,7 +208,7 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
 
     @override
     def configure_ddp(self) -> None:
-        """Check that every rank is configured alike (:mod:`~lightning_fedopt.strategies._handshake`),
+        """Check that every rank is configured alike (:mod:`~lightning_fedopt.runtime.handshake`),
         then wrap the module in DDP."""
         self.recover_after_step = False
         self._recoveries = []
@@ -239,16 +251,16 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
             return
         bad = [r for r, ok in enumerate(flags) if not ok]
         if len(bad) == len(flags):
-            raise NoFiniteReplicaError(step=self._steps, replicas=bad, what="restore them from")
+            raise NoFiniteReplicaError(step=self.replica_step, replicas=bad, what="restore them from")
         source = flags.index(True)
         self.comm.broadcast(tensors, src=source, purpose="control")
-        self._recoveries.append({"step": self._steps, "ranks": bad, "source": source})
+        self._recoveries.append({"step": self.replica_step, "ranks": bad, "source": source})
         if self.global_rank == 0:
             log.warning(
                 "lightning_fedopt: replica(s) %s had NaN/Inf weights or optimizer state after step %d; "
                 "reset from rank %d",
                 bad,
-                self._steps,
+                self.replica_step,
                 source,
             )
 
@@ -286,7 +298,9 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
         module = self.lightning_module
         assert module is not None
         self._param_names = {id(p): name for name, p in module.named_parameters()}
-        self.model.register_comm_hook(self, compressed_allreduce_hook)  # type: ignore[union-attr]
+        model = self.model
+        assert isinstance(model, DistributedDataParallel)
+        model.register_comm_hook(self, compressed_allreduce_hook)
 
     # ------------------------------------------------------------------ per-rank checkpoint state
     @override
@@ -297,7 +311,9 @@ class CompressedDDPStrategy(MeteredDDPStrategy):
             state = [v for v in checkpoint.get("state_dict", {}).values() if isinstance(v, torch.Tensor)]
             finite = all_finite([v for v in state if v.is_floating_point()])
             ckpt_id = new_checkpoint_id(self.comm, filepath, finite=finite)
-            where = provenance(type(self).__name__, self.world_size, self.global_rank, self._steps, ckpt_id)
+            where = provenance(
+                type(self).__name__, self.world_size, self.global_rank, self.replica_step, ckpt_id
+            )
             checkpoint[CHECKPOINT_KEY] = {
                 k: where[k] for k in ("format", "strategy", "world_size", "step", "checkpoint_id")
             }

@@ -239,7 +239,7 @@ class DiLoCoStrategy(ReplicaStrategy):
     @property
     def compression_ratio(self) -> float | None:
         """Uncompressed / compressed bytes of the pseudo-gradients so far (None without a compressor)."""
-        return self.outer_comm.compression_ratio if self.compressor is not None else None
+        return self.compressor.totals.ratio if self.compressor is not None else None
 
     @property
     def inflight_fragment(self) -> int | None:

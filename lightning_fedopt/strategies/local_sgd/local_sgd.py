@@ -219,7 +219,7 @@ class LocalSGDStrategy(ReplicaStrategy):
     @property
     def compression_ratio(self) -> float | None:
         """Uncompressed / compressed bytes of the compressed synchronisations so far (None without a compressor)."""
-        return self.outer_comm.compression_ratio if self.compressor is not None else None
+        return self.compressor.totals.ratio if self.compressor is not None else None
 
     @override
     def after_final_sync(self) -> None:
