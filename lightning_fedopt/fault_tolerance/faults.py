@@ -128,7 +128,7 @@ class SyncPointCheckpoints(Callback):
     """Internal: at the end of a training batch whose step synchronised, the elastic checkpoint
     and the preemption stop (placed after the manual-optimization hook, before user callbacks)."""
 
-    def __init__(self, faults: FaultHandler, at_fit_end: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, faults: FaultHandler, at_fit_end: Callable[[], None] | None = None) -> None:
         self.faults = faults
         self.at_fit_end = at_fit_end
 
@@ -141,7 +141,8 @@ class SyncPointCheckpoints(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.faults.finish_elastic(trainer)
-        self.at_fit_end()
+        if self.at_fit_end is not None:
+            self.at_fit_end()
 
 
 class FaultHandler:

@@ -47,7 +47,7 @@ class MeetingPoints:
         self,
         comm: Callable[[], Communicator],
         device: Callable[[], torch.device],
-        arrive: Callable[[str], None] = lambda what: None,
+        arrive: Callable[[str], None] | None = None,
     ) -> None:
         self._comm = comm
         self._device = device
@@ -58,7 +58,8 @@ class MeetingPoints:
         returns whether any rank received SIGTERM. Raises :class:`ReplicasOutOfStepError` on every
         rank when they disagree."""
         step = int(step)
-        self._arrive(f"the meeting of the ranks {POINTS.get(point, point)} after step {step}")
+        if self._arrive is not None:
+            self._arrive(f"the meeting of the ranks {POINTS.get(point, point)} after step {step}")
         comm, dev = self._comm(), self._device()
         key = 8 * step + point
         v = torch.tensor([2 * key + int(bool(sigterm)), -2 * key], dtype=torch.int64, device=dev)

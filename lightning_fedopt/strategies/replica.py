@@ -72,7 +72,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -276,14 +276,14 @@ class ReplicaStrategy(CountedDDPStrategy):
             BatchNormStatistics(bn_recalibration, bn_forward),
             compute=self.consensus_values,
             holds=self.local_is_consensus,
-            module=lambda: self.lightning_module,
-            comm=lambda: self.comm,
+            module=self._module,
+            comm=self._world_comm,
             forward_context=self._forward_context,
         )
         self.faults = FaultHandler(
             self, self.comms, sync_timeout=self.sync_timeout, elastic=self.elastic, policy=self.stop_policy()
         )
-        self.meeting = MeetingPoints(lambda: self.comm, lambda: self.root_device, self.faults.arrive)
+        self.meeting = MeetingPoints(self._world_comm, self._device, self.faults.arrive)
         self.validation = ValidationGate(
             self.skip_unchanged_validation and evaluate == "consensus",
             self.consensus_version,
@@ -292,9 +292,7 @@ class ReplicaStrategy(CountedDDPStrategy):
         registry = StateRegistry()
         registry.register("replica", self.replica_state_dict, self.load_replica_state_dict)
         registry.register("comm_stats", self.comms.stats.state_dict, self.comms.stats.load_state_dict)
-        registry.register(
-            "nonfinite_events", lambda: list(self.run.nonfinite_events), self._load_nonfinite_events
-        )
+        registry.register("nonfinite_events", self._nonfinite_events_state, self._load_nonfinite_events)
         registry.register("rng", _rng_state, _load_rng_state, phase="train_start")
         self.checkpoints = ReplicaCheckpoints(registry, type(self).__name__)
         self.patches = LightningPatches()
@@ -493,6 +491,19 @@ class ReplicaStrategy(CountedDDPStrategy):
 
     def _forward_context(self) -> AbstractContextManager[Any]:
         return self.precision_plugin.forward_context()
+
+    # the parts' accessors (bound methods, not lambdas: the strategy is pickled by the spawn launcher)
+    def _module(self) -> LightningModule | None:
+        return self.lightning_module
+
+    def _world_comm(self) -> Communicator:
+        return self.comm
+
+    def _device(self) -> torch.device:
+        return self.root_device
+
+    def _nonfinite_events_state(self) -> list[dict[str, int]]:
+        return list(self.run.nonfinite_events)
 
     def _load_nonfinite_events(self, events: list[dict[str, int]]) -> None:
         self.run.nonfinite_events = list(events)
