@@ -179,6 +179,30 @@ class FaultHandler:
         self._patches: LightningPatches | None = None
         self._saved_sync = 0
         self._elastic_kept: list[str] = []
+        #: in-process fault tolerance (``fault_tolerance="torchft"``): the outer communicator across
+        #: replica groups, open for one ``fit`` (see :mod:`~lightning_fedopt.fault_tolerance._torchft`)
+        self.managed: Any = None
+
+    # ------------------------------------------------------------------ in-process fault tolerance
+    def open_torchft(
+        self, state_dict: Callable[[], Any], load_state_dict: Callable[[Any], object], **manager_kwargs: Any
+    ) -> Any:
+        """Join the replica groups through torchft's lighthouse (``TORCHFT_LIGHTHOUSE``,
+        ``REPLICA_GROUP_ID``): a managed communicator whose quorum heals this group from a live peer
+        with ``load_state_dict(state_dict())`` when it is behind."""
+        from lightning_fedopt.fault_tolerance._torchft import ManagedCommunicator
+
+        self.close_torchft()
+        self.managed = ManagedCommunicator.from_env(
+            state_dict=state_dict, load_state_dict=load_state_dict, stats=self.comms.stats, **manager_kwargs
+        )
+        return self.managed
+
+    def close_torchft(self) -> None:
+        """This group leaves (the lighthouse notices by its heartbeats)."""
+        if self.managed is not None:
+            self.managed.close()
+        self.managed = None
 
     # ------------------------------------------------------------------ deadline
     def start(self) -> None:

@@ -14,7 +14,9 @@ upgrade; the private attributes of Lightning that the library replaces are liste
   (``runtime.fit_end``);
 * ``_signal_connector._sigterm_notifier_fn``: Lightning's SIGTERM notifier broadcasts inside the
   signal handler; it becomes one that only records the signal (``fault_tolerance.faults``);
-* ``_checkpoint_connector.resume_start``: an elastic restart resumes from the latest sync point.
+* ``_checkpoint_connector.resume_start``: an elastic restart resumes from the latest sync point;
+* the fit loop's optimizer-step progress (:func:`set_global_step`): a replica group that healed
+  from a live peer (``fault_tolerance="torchft"``) takes the peer's step count.
 
 Callbacks the strategy puts into ``trainer.callbacks`` are registered here too.
 """
@@ -27,7 +29,13 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-__all__ = ["LIGHTNING_PRIVATES", "LightningPatches", "ManualOptimizationHooks", "callbacks_of"]
+__all__ = [
+    "LIGHTNING_PRIVATES",
+    "LightningPatches",
+    "ManualOptimizationHooks",
+    "callbacks_of",
+    "set_global_step",
+]
 
 #: the Lightning attributes replaced through :meth:`LightningPatches.replace` (owner, attribute)
 LIGHTNING_PRIVATES = (
@@ -42,6 +50,20 @@ def callbacks_of(trainer: Trainer) -> list[Callback]:
     """``trainer.callbacks`` (set by Lightning's callback connector, so invisible to type checkers)."""
     callbacks: list[Callback] = vars(trainer)["callbacks"]
     return callbacks
+
+
+def set_global_step(trainer: Trainer, step: int, *, in_step: bool) -> None:
+    """Make Lightning's ``global_step`` ``step`` (a group that healed takes its peers' step count, so
+    that it stops at ``max_steps`` with them). ``in_step``: called inside an automatic optimizer
+    step, which Lightning counts as completed only after the strategy returns."""
+    loop = trainer.fit_loop.epoch_loop
+    module = trainer.lightning_module
+    if module is None or module.automatic_optimization:
+        total = loop.automatic_optimization.optim_progress.optimizer.step.total
+        total.ready, total.completed = step, step - 1 if in_step else step
+    else:
+        total = loop.manual_optimization.optim_step_progress.total
+        total.ready, total.completed = step, step
 
 
 class LightningPatches:

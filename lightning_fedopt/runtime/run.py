@@ -76,6 +76,8 @@ class ReplicaRun:
     closed: bool = False
     #: the replica step of the last meeting before a synchronisation (one per step)
     checked_step: int | None = None
+    #: inside an automatic optimizer step (Lightning has not counted the step yet)
+    in_step: bool = False
 
     # ------------------------------------------------------------------ the step's life
     def end_step(self) -> None:

@@ -90,7 +90,12 @@ from lightning_fedopt.runtime.fit_end import ValidationGate, is_last_training_st
 from lightning_fedopt.runtime.handshake import agreement_fields, check_agreement
 from lightning_fedopt.runtime.initial_sync import INITIAL_SYNC, start_identical, state_digest
 from lightning_fedopt.runtime.meeting import BARRIER, BROADCAST, END, SYNC, VALIDATION, MeetingPoints
-from lightning_fedopt.runtime.patches import LightningPatches, ManualOptimizationHooks, callbacks_of
+from lightning_fedopt.runtime.patches import (
+    LightningPatches,
+    ManualOptimizationHooks,
+    callbacks_of,
+    set_global_step,
+)
 from lightning_fedopt.runtime.registry import register_name
 from lightning_fedopt.runtime.run import Counters, ReplicaRun
 from lightning_fedopt.runtime.shards import (
@@ -194,6 +199,9 @@ class ReplicaStrategy(CountedDDPStrategy):
     supports_round_seconds = False
     #: ``bn_recalibration`` when not given: 0 where the consensus is the replicas' plain mean
     default_bn_recalibration = 0
+    #: whether the algorithm has a torchft round (``fault_tolerance="torchft"``); it then checks its
+    #: own arguments with :meth:`fault_tolerance_unsupported` at the end of its ``__init__``
+    supports_fault_tolerance = False
 
     def __init__(
         self,
@@ -211,6 +219,7 @@ class ReplicaStrategy(CountedDDPStrategy):
         bn_forward: Callable[[Any, Any], Any] | None = None,
         sync_timeout: float = 30.0,
         elastic: bool = False,
+        fault_tolerance: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -262,6 +271,23 @@ class ReplicaStrategy(CountedDDPStrategy):
         self.bn_forward = bn_forward
         self.sync_timeout = check_float("sync_timeout", sync_timeout, low=0, low_open=True, high=86400.0)
         self.elastic = check_bool("elastic", elastic)
+        check_choice("fault_tolerance", fault_tolerance, (None, "torchft"))
+        if fault_tolerance is not None:
+            why = None if self.supports_fault_tolerance else self.fault_tolerance_unsupported()
+            if why:
+                raise ValueError(
+                    f"`fault_tolerance={fault_tolerance!r}` is not supported by {type(self).__name__}: {why}"
+                )
+            if elastic:
+                raise ValueError(
+                    "`fault_tolerance` and `elastic` exclude each other: choose in-process recovery or torchrun restarts"
+                )
+            if group_size != 1:
+                raise ValueError(
+                    "`fault_tolerance='torchft'` takes `group_size=1`: each Lightning world is one replica group "
+                    "(its processes run DDP inside it) and torchft carries the traffic across groups"
+                )
+        self.fault_tolerance = fault_tolerance
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
         #: distance at every synchronisation (costs one scalar all-reduce).
         self.track_consensus_distance = False
@@ -328,6 +354,26 @@ class ReplicaStrategy(CountedDDPStrategy):
         """A number that changes whenever the consensus model may have changed (default: every
         optimizer step). Algorithms whose consensus changes only at outer steps count those."""
         return self.run.counts.replica_step
+
+    def fault_tolerance_unsupported(self) -> str | None:
+        """Why this configuration cannot run with ``fault_tolerance="torchft"`` (None: it can)."""
+        return (
+            "its synchronisation is not a quorum round (supported: DiLoCoStrategy; Local SGD is "
+            "DiLoCoStrategy(outer_optimizer='SGD', outer_kwargs={'lr': 1.0, 'momentum': 0.0}))"
+        )
+
+    def check_fault_tolerance(self) -> None:
+        """Raise ``ValueError`` when ``fault_tolerance`` is set and :meth:`fault_tolerance_unsupported` says why not."""
+        why = self.fault_tolerance_unsupported() if self.fault_tolerance is not None else None
+        if why:
+            raise ValueError(
+                f"`fault_tolerance={self.fault_tolerance!r}` is not supported by {type(self).__name__}: {why}"
+            )
+
+    def sync_fault_tolerant(self, contribute: bool = True) -> dict[str, float]:
+        """One synchronisation as a torchft round (quorum, managed all-reduce, commit vote);
+        ``contribute=False``: take part with no weight (a group joining the others)."""
+        raise NotImplementedError
 
     def stop_policy(self) -> StopPolicy | None:
         """How the ranks agree to stop after a SIGTERM (None: at the meeting before the next
@@ -596,9 +642,64 @@ class ReplicaStrategy(CountedDDPStrategy):
         if self.checkpoints.resuming:
             self.checkpoints.restore(self._load_counters, self.load_algorithm_state_dict)
         self.run.algorithm_ready = True
+        if self.fault_tolerance == "torchft":
+            self._join_replica_groups()
+
+    # ---------------------------------------------------------------- in-process fault tolerance
+    def _join_replica_groups(self) -> None:
+        """Join the other replica groups through torchft (``fault_tolerance="torchft"``): one round
+        in which this group contributes nothing (for the others it is their next synchronisation's
+        round, so every group makes the same calls in it). A group that starts late or restarts
+        receives the global state and the step count from a live peer there (and at any later quorum
+        where it is behind), so it never trains its first round on stale weights, and it is never
+        counted in an average it did not compute."""
+        timeout = self.sync_timeout
+        self.faults.open_torchft(
+            self._heal_state,
+            self._load_heal_state,
+            timeout=timeout,
+            quorum_timeout=timeout,
+            connect_timeout=min(10.0, timeout),
+            pg_timeout=timeout,
+        )
+        info = self.sync_fault_tolerant(contribute=False)
+        if info.get("healed"):  # the peers count this round as one of their synchronisations
+            self.run.counts.sync_count += 1
+        self.run.last_sync = {**info, "joined": 1.0, "step": self.run.counts.replica_step}
+
+    def _heal_state(self) -> dict[str, Any]:
+        """What a group that is behind receives from a live peer: the global algorithm state and the
+        step counters (tensors and plain values only)."""
+        counts = self.run.counts
+        return {
+            "algorithm": self.algorithm_state_dict(),
+            "replica_step": int(counts.replica_step),
+            "sync_count": int(counts.sync_count),
+        }
+
+    def _load_heal_state(self, state: dict[str, Any]) -> None:
+        """Take a live peer's state: the global state, the step counters (Lightning's step count
+        moves with them, so that every group stops at ``max_steps`` together), and the replica
+        restarts from the consensus. Its optimizer state and data position stay its own."""
+        self.load_algorithm_state_dict(state["algorithm"])
+        step = int(state["replica_step"])
+        counts = self.run.counts
+        counts.replica_step, counts.sync_count, counts.steps_since_sync = step, int(state["sync_count"]), 0
+        self.consensus.invalidate()
+        self.tracked.load(self.consensus_values())
+        trainer = self._current_trainer()
+        module = self.lightning_module
+        if trainer is not None and module is not None:
+            set_global_step(trainer, step, in_step=module.automatic_optimization and self.run.in_step)
+        log.warning(
+            "lightning_fedopt: replica group healed from a live peer at step %d (%d synchronisations)",
+            step,
+            counts.sync_count,
+        )
 
     @override
     def teardown(self) -> None:
+        self.faults.close_torchft()
         self.faults.stop()
         self.patches.remove_all()
         self.comms.close()
@@ -621,7 +722,11 @@ class ReplicaStrategy(CountedDDPStrategy):
             run.round_compute += time.perf_counter() - t0
         module = self.lightning_module
         if module is not None and module.automatic_optimization:
-            self._end_step()  # one optimizer per step: the step is over
+            run.in_step = True
+            try:
+                self._end_step()  # one optimizer per step: the step is over
+            finally:
+                run.in_step = False
         else:
             run.stepped = True  # several optimizers may step: the batch end closes the step
         return out
@@ -664,7 +769,7 @@ class ReplicaStrategy(CountedDDPStrategy):
 
     def _run_sync(self) -> None:
         seconds_before = self.comms.stats.seconds
-        info = self.sync() or {}
+        info = (self.sync_fault_tolerant() if self.fault_tolerance else self.sync()) or {}
         counts = self.run.counts
         counts.sync_count += 1
         counts.steps_since_sync = 0

@@ -144,6 +144,15 @@ class CO2Strategy(DiLoCoStrategy):
 
     strategy_name = "co2"
 
+    supports_fault_tolerance = False
+
+    @override
+    def fault_tolerance_unsupported(self) -> str | None:
+        return (
+            "its all-reduce overlaps the next round's local steps, so a failure would surface after the "
+            "round's quorum and vote; not wired to torchft yet (use DiLoCoStrategy)"
+        )
+
     def __init__(
         self,
         sync_every: int | SyncSchedule = 48,

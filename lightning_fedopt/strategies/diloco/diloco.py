@@ -114,6 +114,7 @@ class DiLoCoStrategy(ReplicaStrategy):
 
     strategy_name = "diloco"
     supports_round_seconds = True
+    supports_fault_tolerance = True
     #: the outer weights are not the replicas' mean: re-estimate their BatchNorm statistics
     default_bn_recalibration = 8
 
@@ -160,6 +161,7 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._at_global = True
         #: outer steps taken in this process (the consensus changes at those only)
         self._outer_steps = 0
+        self.check_fault_tolerance()
 
     # ---------------------------------------------------------------- state
     def _outer_device(self) -> torch.device:
@@ -414,9 +416,71 @@ class DiLoCoStrategy(ReplicaStrategy):
                 info["fragment_launched"] = float(launch)
         return info
 
+    # ---------------------------------------------------------------- fault_tolerance="torchft"
+    @override
+    def fault_tolerance_unsupported(self) -> str | None:
+        if self._streaming:
+            return "streaming DiLoCo's fragments overlap local steps; a torchft round is one quorum per sync"
+        if self.compressor is not None:
+            return (
+                "a compressed all-reduce exchanges chunks (all-to-all, all-gather), which torchft does not "
+                "fault-manage; it would not fall back to an uncompressed one silently"
+            )
+        if self.round_seconds is not None:
+            return "`round_seconds` weighs each replica by its step count, which the torchft round does not carry"
+        return None
+
+    @override
+    def sync_fault_tolerant(self, contribute: bool = True) -> dict[str, float]:
+        """One torchft round: quorum (a group that is behind heals from a live peer here), a managed
+        sum of the finite groups' pseudo-gradients with their count, the commit vote, then the outer
+        step only if the round committed. Every group restarts from the global weights: the new ones,
+        or, when the round did not commit, the ones before it (its local steps are dropped; never a
+        partial average)."""
+        managed = self.faults.managed
+        assert managed is not None
+        info = managed.start_round()
+        tensors = self.tracked_tensors()
+        local_nonfinite = contribute and not info.healed and not self.is_finite(tensors)
+        finite = contribute and not info.healed and not local_nonfinite
+        with torch.no_grad():
+            if finite:
+                deltas = [
+                    (phi.to(t.device) - t) if is_param else t.detach().clone()
+                    for t, phi, is_param in zip(tensors, self._outer_weights, self._is_param)
+                ]
+            else:
+                deltas = [torch.zeros_like(t) for t in tensors]
+            count = torch.tensor([1.0 if finite else 0.0], dtype=tensors[0].dtype, device=tensors[0].device)
+        reduced = managed.all_reduce([*deltas, count], "sum").wait()
+        committed = managed.commit() and reduced
+        n_valid = round(float(count)) if reduced else 0
+        if committed and n_valid > 0:
+            self._outer_step(None, list(range(len(tensors))), deltas, n_valid, 1.0)
+        with torch.no_grad():
+            for t, phi in zip(tensors, self._outer_weights):
+                t.copy_(phi.to(t.device))
+        self._at_global = True
+        if local_nonfinite:  # left out of the sum; restarted from the global weights
+            self.record_nonfinite(0, local=True)
+            self.reset_optimizer_state()
+        return {
+            "quorum_size": float(info.participants),
+            "contributors": float(n_valid),
+            "healed": float(info.healed),
+            "committed": float(committed),
+            "quorum_seconds": float(info.seconds),
+            "quorum_id": float(info.quorum_id),
+            "round": float(info.step),
+        }
+
     @override
     def final_sync(self) -> None:
         """Apply the fragment in flight, then one outer step of every fragment (the last, partial round)."""
+        if self.fault_tolerance:
+            if not (self.steps_since_sync == 0 and self._at_global):
+                self.sync_fault_tolerant()
+            return
         if self._inflight is not None:
             self.apply_round()
         if self.steps_since_sync == 0 and self._at_global:

@@ -1,0 +1,96 @@
+"""One replica group of a fault-tolerant DiLoCo run: a Lightning Trainer on one process whose
+strategy is ``DiLoCoStrategy(fault_tolerance="torchft")``, started (and restarted) by
+``python -m lightning_fedopt.fault_tolerance.launch``.
+
+Environment: ``FTL_OUT`` (folder for the logs), ``FTL_STEPS``, ``FTL_H``, ``FTL_SLEEP`` (seconds
+per step), ``FTL_KILL_GROUP``/``FTL_KILL_AT_STEP`` (that group SIGKILLs itself at that step, on
+its first life only), plus the launcher's ``REPLICA_GROUP_ID`` and ``TORCHFT_LIGHTHOUSE``.
+Each life appends JSON lines to ``<out>/group<g>.jsonl``; the final weights go to ``final<g>.pt``.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modules import KnownBatchModule, make_batch
+
+import lightning_fedopt as lf
+
+OUT = Path(os.environ["FTL_OUT"])
+GROUP = int(os.environ["REPLICA_GROUP_ID"])
+LIFE = int(os.environ.get("LIGHTNING_FEDOPT_FT_RESTARTS", "0"))
+
+
+def note(event: str, **data: Any) -> None:
+    with open(OUT / f"group{GROUP}.jsonl", "a") as f:
+        f.write(
+            json.dumps({"event": event, "pid": os.getpid(), "life": LIFE, "time": time.time(), **data}) + "\n"
+        )
+
+
+class GroupModule(KnownBatchModule):
+    """Each replica group trains on its own batches (by its group id)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = make_batch(GROUP, self.global_step)
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+class Recorder(L.Callback):
+    def __init__(self, kill_at: int | None, sleep: float) -> None:
+        self.kill_at, self.sleep, self.seen = kill_at, sleep, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        s = trainer.strategy
+        if s.sync_count != self.seen:
+            self.seen = s.sync_count
+            note("sync", **s.last_sync)
+        if self.kill_at is not None and s.replica_step == self.kill_at:
+            note("killed", step=s.replica_step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.sleep)
+
+
+def main() -> None:
+    note("start", step=0)
+    kill_at = (
+        int(os.environ["FTL_KILL_AT_STEP"])
+        if os.environ.get("FTL_KILL_GROUP") == str(GROUP) and LIFE == 0
+        else None
+    )
+    strategy = lf.DiLoCoStrategy(
+        sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=int(os.environ["FTL_STEPS"]),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(OUT / f"root{GROUP}"),
+        callbacks=[Recorder(kill_at, float(os.environ["FTL_SLEEP"]))],
+    )
+    model = GroupModule(seed=GROUP)  # different initial weights: the first quorum makes them one
+    trainer.fit(model)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, OUT / f"final{GROUP}.pt")
+    note("end", step=strategy.replica_step, syncs=strategy.sync_count, global_step=trainer.global_step)
+
+
+if __name__ == "__main__":
+    main()
