@@ -1,5 +1,6 @@
 """Running the multi-process tests: real processes over gloo (fork), what each rank ended with, and
-callbacks that record it (final state, seen samples, real ``torch.distributed`` calls)."""
+callbacks that record it (final state, seen samples, real ``torch.distributed`` calls, the
+CommunicationMonitor's history)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_fedopt.callbacks import CommunicationMonitor
 
 TIMEOUT = timedelta(seconds=120)
 
@@ -112,6 +116,25 @@ class SaveSeen(L.Callback):
         torch.save(
             {"seen": pl_module.seen, "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()}},
             self.out / f"seen{trainer.global_rank}.pt",
+        )
+
+
+class KeepHistory(L.Callback):
+    """Saves the monitor's rows and (on rank 0) the wandb run summary, per rank."""
+
+    def __init__(self, monitor: CommunicationMonitor, out):
+        self.monitor, self.out = monitor, out
+
+    def on_fit_end(self, trainer, pl_module):
+        summary = {}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                summary = {k: v for k, v in dict(logger.experiment.summary).items() if k.startswith("comm/")}
+                # forked workers leave through os._exit, which skips wandb's own exit hook
+                logger.experiment.finish()
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"history": self.monitor.history, "summary": summary}, self.out / f"hist{trainer.global_rank}.pt"
         )
 
 

@@ -1,4 +1,5 @@
-"""One rank of a job that loses a replica: run by tests/test_failures.py (Lightning's launcher or torchrun).
+"""One rank of a job that loses a replica: run by tests/multiprocess/test_failures.py (Lightning's
+launcher or torchrun).
 
 Environment:
   FT_OUT: output folder (``rank<r>.json`` at the end, ``events.jsonl`` for the injection times)

@@ -1,5 +1,5 @@
 """Runs every Triton kernel under TRITON_INTERPRET=1 on CPU tensors next to its torch reference and
-prints one JSON line of findings (used by tests/test_kernels.py, which asserts on them)."""
+prints one JSON line of findings (used by tests/multiprocess/test_kernels.py, which asserts on them)."""
 
 from __future__ import annotations
 
