@@ -30,7 +30,10 @@ class CommunicationMonitor(Callback):
       just before the replicas were combined (one extra scalar all-reduce per sync);
     * ``nonfinite_replicas``: replicas excluded so far because their weights were NaN/Inf;
     * ``spectral_gap``: the topology's spectral gap, for strategies that have one (gossip);
-    * ``compression_ratio``: when the strategy reports one (a compressor is set).
+    * ``compression_ratio``: when the strategy reports one (a compressor is set);
+    * with ``fault_tolerance="torchft"``: ``quorum_size`` (replica groups in the last round),
+      ``heals`` (times this group healed from a peer), ``rounds_not_committed`` and
+      ``quorum_seconds`` (totals so far).
 
     Metrics are logged from rank 0, as Lightning's loggers do. :attr:`history` keeps every row
     that was logged (on every rank) for programmatic use.
@@ -83,6 +86,9 @@ class CommunicationMonitor(Callback):
             m["nonfinite_replicas"] = sum(e["excluded"] for e in strategy.nonfinite_events)
             if "sync_seconds" in last:
                 m["sync_seconds"] = last["sync_seconds"]
+            ft = strategy.fault_tolerance_stats
+            if ft:
+                m.update({k: v for k, v in ft.items()})
             d = last.get("consensus_distance")
             if d is not None and math.isfinite(d):
                 m["consensus_distance"] = d

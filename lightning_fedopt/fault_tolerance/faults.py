@@ -182,6 +182,8 @@ class FaultHandler:
         #: in-process fault tolerance (``fault_tolerance="torchft"``): the outer communicator across
         #: replica groups, open for one ``fit`` (see :mod:`~lightning_fedopt.fault_tolerance._torchft`)
         self.managed: Any = None
+        #: the torchft rounds so far: quorum size, heals, rounds not committed, seconds in quorums
+        self.torchft_totals: dict[str, float] = {}
 
     # ------------------------------------------------------------------ in-process fault tolerance
     def open_torchft(
@@ -193,10 +195,42 @@ class FaultHandler:
         from lightning_fedopt.fault_tolerance._torchft import ManagedCommunicator
 
         self.close_torchft()
+        self.torchft_totals = {}
         self.managed = ManagedCommunicator.from_env(
             state_dict=state_dict, load_state_dict=load_state_dict, stats=self.comms.stats, **manager_kwargs
         )
         return self.managed
+
+    def note_round(self, info: Any, committed: bool, step: int) -> None:
+        """After a torchft round: one log line when the membership changed, this group healed, or
+        the round was not committed (a failure is a line, not a traceback), and the totals."""
+        totals = self.torchft_totals
+        last = totals.get("quorum_size")
+        if last is not None and info.participants != last:
+            log.warning(
+                "lightning_fedopt: replica groups %s at step %d: %d -> %d in the quorum",
+                "left" if info.participants < last else "joined",
+                step,
+                int(last),
+                info.participants,
+            )
+        if info.healed:
+            log.warning(
+                "lightning_fedopt: replica group %s healed from a live peer at step %d (%d bytes)",
+                os.environ.get("REPLICA_GROUP_ID", "?"),
+                step,
+                info.heal_bytes,
+            )
+        if not committed:
+            log.warning(
+                "lightning_fedopt: the round of step %d was not committed (a replica group failed in it); "
+                "every group restarts from the global weights before it",
+                step,
+            )
+        totals["quorum_size"] = float(info.participants)
+        totals["heals"] = totals.get("heals", 0.0) + float(info.healed)
+        totals["rounds_not_committed"] = totals.get("rounds_not_committed", 0.0) + float(not committed)
+        totals["quorum_seconds"] = totals.get("quorum_seconds", 0.0) + float(info.seconds)
 
     def close_torchft(self) -> None:
         """This group leaves (the lighthouse notices by its heartbeats)."""

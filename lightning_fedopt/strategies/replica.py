@@ -448,6 +448,12 @@ class ReplicaStrategy(CountedDDPStrategy):
         return self.validation.skipped
 
     @property
+    def fault_tolerance_stats(self) -> dict[str, float] | None:
+        """With ``fault_tolerance="torchft"``: the last quorum's size and the totals of heals,
+        rounds not committed and seconds spent forming quorums (None otherwise)."""
+        return dict(self.faults.torchft_totals) if self.fault_tolerance else None
+
+    @property
     def outer_comm(self) -> Communicator:
         """The communicator the algorithm synchronises over: the world, or with ``group_size > 1``
         the same-position ranks of every group."""
@@ -691,11 +697,6 @@ class ReplicaStrategy(CountedDDPStrategy):
         module = self.lightning_module
         if trainer is not None and module is not None:
             set_global_step(trainer, step, in_step=module.automatic_optimization and self.run.in_step)
-        log.warning(
-            "lightning_fedopt: replica group healed from a live peer at step %d (%d synchronisations)",
-            step,
-            counts.sync_count,
-        )
 
     @override
     def teardown(self) -> None:

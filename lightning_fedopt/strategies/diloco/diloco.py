@@ -461,6 +461,7 @@ class DiLoCoStrategy(ReplicaStrategy):
             for t, phi in zip(tensors, self._outer_weights):
                 t.copy_(phi.to(t.device))
         self._at_global = True
+        self.faults.note_round(info, committed, self.replica_step)
         if local_nonfinite:  # left out of the sum; restarted from the global weights
             self.record_nonfinite(0, local=True)
             self.reset_optimizer_state()
