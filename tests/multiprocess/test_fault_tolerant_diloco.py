@@ -143,3 +143,30 @@ def test_a_group_killed_between_syncs_heals_and_the_others_keep_their_processes(
     # both trained (the toy task's held-out loss falls well below the initial weights'); how close a
     # faulty run ends to a failure-free one is measured by benchmarks/faults.py, not asserted here
     assert _loss(finals[0]) < 0.9 * _loss({f"net.{k}": v for k, v in make_net().state_dict().items()})
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_group_is_left_behind_and_heals_when_continued(tmp_path: Path) -> None:
+    """``kill -STOP`` of group 2 at step 10 for 6 s: groups 0 and 1 go on within the lighthouse's
+    heartbeat timeout (1 s here) with a quorum of 2; after ``kill -CONT`` the same process finds it
+    is behind at its next round, heals from a live peer, and every group ends bit-identical."""
+    _run(tmp_path, max_restarts=0, FTL_PAUSE_GROUP="2", FTL_PAUSE_AT_STEP="10", FTL_PAUSE_SECONDS="6")
+    events = {g: _events(tmp_path, g) for g in range(3)}
+    assert all(len({e["pid"] for e in events[g]}) == 1 for g in range(3))  # nobody restarted
+    stopped = next(e for e in events[2] if e["event"] == "stopped")
+    continued = next(e for e in events[2] if e["event"] == "continued")
+    assert continued["time"] - stopped["time"] >= 5.5
+    # the others synchronised while it was stopped, without it
+    during = [
+        e for e in events[0] if e["event"] == "sync" and stopped["time"] < e["time"] < continued["time"]
+    ]
+    assert during and all(e["quorum_size"] == 2.0 and e["committed"] == 1.0 for e in during)
+    after = [e for e in events[2] if e["event"] == "sync" and e["time"] > continued["time"]]
+    assert after and any(e["healed"] == 1.0 for e in after)
+    finals = _finals(tmp_path)
+    for g in (1, 2):
+        assert all(torch.equal(finals[0][k], finals[g][k]) for k in finals[0])
+    for g in range(3):
+        end = events[g][-1]
+        assert end["event"] == "end" and end["step"] == STEPS and end["global_step"] == STEPS
+    _rounds_agree(tmp_path)

@@ -4,13 +4,15 @@ strategy is ``DiLoCoStrategy(fault_tolerance="torchft")``, started (and restarte
 
 Environment: ``FTL_OUT`` (folder for the logs), ``FTL_STEPS``, ``FTL_H``, ``FTL_SLEEP`` (seconds
 per step), ``FTL_KILL_GROUP``/``FTL_KILL_AT_STEP`` (that group SIGKILLs itself at that step, on
-its first life only), plus the launcher's ``REPLICA_GROUP_ID`` and ``TORCHFT_LIGHTHOUSE``.
+its first life only), ``FTL_PAUSE_GROUP``/``FTL_PAUSE_AT_STEP``/``FTL_PAUSE_SECONDS`` (that
+group is stopped with SIGSTOP at that step and continued that many seconds later), plus the launcher's ``REPLICA_GROUP_ID`` and ``TORCHFT_LIGHTHOUSE``.
 Each life appends JSON lines to ``<out>/group<g>.jsonl``; the final weights go to ``final<g>.pt``.
 """
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,8 +48,8 @@ class GroupModule(KnownBatchModule):
 
 
 class Recorder(L.Callback):
-    def __init__(self, kill_at: int | None, sleep: float) -> None:
-        self.kill_at, self.sleep, self.seen = kill_at, sleep, 0
+    def __init__(self, kill_at: int | None, sleep: float, pause_at: int | None = None) -> None:
+        self.kill_at, self.sleep, self.seen, self.pause_at = kill_at, sleep, 0, pause_at
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -59,6 +61,13 @@ class Recorder(L.Callback):
         if self.kill_at is not None and s.replica_step == self.kill_at:
             note("killed", step=s.replica_step)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.pause_at is not None and s.replica_step == self.pause_at:
+            # kill -STOP, and a kill -CONT from another process after FTL_PAUSE_SECONDS
+            seconds = float(os.environ["FTL_PAUSE_SECONDS"])
+            subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"])
+            note("stopped", step=s.replica_step)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            note("continued", step=s.replica_step)
         time.sleep(self.sleep)
 
 
@@ -68,6 +77,9 @@ def main() -> None:
         int(os.environ["FTL_KILL_AT_STEP"])
         if os.environ.get("FTL_KILL_GROUP") == str(GROUP) and LIFE == 0
         else None
+    )
+    pause_at = (
+        int(os.environ["FTL_PAUSE_AT_STEP"]) if os.environ.get("FTL_PAUSE_GROUP") == str(GROUP) else None
     )
     strategy = lf.DiLoCoStrategy(
         sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0
@@ -84,7 +96,7 @@ def main() -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=str(OUT / f"root{GROUP}"),
-        callbacks=[Recorder(kill_at, float(os.environ["FTL_SLEEP"]))],
+        callbacks=[Recorder(kill_at, float(os.environ["FTL_SLEEP"]), pause_at)],
     )
     model = GroupModule(seed=GROUP)  # different initial weights: the first quorum makes them one
     trainer.fit(model)
