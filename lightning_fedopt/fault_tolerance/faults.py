@@ -201,6 +201,39 @@ class FaultHandler:
         )
         return self.managed
 
+    def quorum_allowed(self, info: Any, step: int) -> bool:
+        """Whether a torchft round may be applied: its quorum holds no more replica groups than this
+        run has (``LIGHTNING_FEDOPT_FT_GROUPS``, set by the launcher; unset: any number). A larger
+        one holds a stray client of the lighthouse (it accepts anyone who reaches its port): every
+        legitimate group sees the same quorum, takes part with no weight and applies nothing."""
+        limit = os.environ.get("LIGHTNING_FEDOPT_FT_GROUPS")
+        if not limit or info.participants <= int(limit):
+            return True
+        log.error(
+            "lightning_fedopt: a quorum of %d replica groups at step %d, more than the %s this run has: a "
+            "stray client joined the lighthouse; this round is not applied (keep the lighthouse and the "
+            "groups' ports on a private network)",
+            info.participants,
+            step,
+            limit,
+        )
+        return False
+
+    def contributors_allowed(self, count: float, info: Any, step: int) -> bool:
+        """Whether a torchft round's summed contributor count is what the groups can have sent: an
+        integer from 0 to the quorum's size (every group sends 0 or 1). Anything else is a client
+        that is not one of the run's groups (or a corrupted message): the round is not applied."""
+        if float(count).is_integer() and 0 <= count <= info.participants:
+            return True
+        log.error(
+            "lightning_fedopt: the round of step %d summed %r contributions from %d replica groups: a client "
+            "that is not one of this run's groups took part; the round is not applied",
+            step,
+            count,
+            info.participants,
+        )
+        return False
+
     def note_round(self, info: Any, committed: bool, step: int) -> None:
         """After a torchft round: one log line when the membership changed, this group healed, or
         the round was not committed (a failure is a line, not a traceback), and the totals."""

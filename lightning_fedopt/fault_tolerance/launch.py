@@ -8,7 +8,9 @@ Usage::
 Each group is one command (a single process, or ``torchrun`` running ``group_size`` processes that do
 DDP inside the group) started with ``REPLICA_GROUP_ID`` (0..N-1), ``TORCHFT_LIGHTHOUSE``
 (``http://<bind>:<port>``), ``LIGHTNING_FEDOPT_FT_HOST`` (``<bind>``: where the group's own servers
-listen) and ``LIGHTNING_FEDOPT_FT_RESTARTS`` (how many times it was restarted) in its environment.
+listen), ``LIGHTNING_FEDOPT_FT_RESTARTS`` (how many times it was restarted) and
+``LIGHTNING_FEDOPT_FT_GROUPS`` (N: a quorum of more groups than that holds a stray client, and the
+strategy does not apply its round) in its environment.
 Membership is the lighthouse's business (torchft's quorum): this launcher only starts processes,
 restarts one that exits with an error (at most ``--max-restarts`` times per group) and forwards
 SIGTERM/SIGINT to every group. It prints one line per start, death and restart, and exits with 0
@@ -114,6 +116,8 @@ class _Launcher:
                 "TORCHFT_LIGHTHOUSE": self.address,
                 "LIGHTNING_FEDOPT_FT_HOST": self.args.bind,
                 "LIGHTNING_FEDOPT_FT_RESTARTS": str(g.restarts),
+                # how many groups this run has: a larger quorum holds a stray client (not applied)
+                "LIGHTNING_FEDOPT_FT_GROUPS": str(len(self.groups)),
             }
         )
         # its own process group: a signal reaches every process of the group (torchrun's workers too)

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,21 @@ pytest.importorskip("torchft")
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parents[1] / "scripts" / "ft_lightning_worker.py"
+STRAY = Path(__file__).resolve().parents[1] / "scripts" / "ft_stray.py"
 STEPS, H = 40, 4
-FAST = ["--lighthouse-port", "0", "--heartbeat-timeout-ms", "1000", "--quorum-tick-ms", "50"]
+FAST = [
+    "--lighthouse-port",
+    "0",
+    "--heartbeat-timeout-ms",
+    "1000",
+    "--quorum-tick-ms",
+    "50",
+    "--join-timeout-ms",
+    "5000",
+]
 
 
-def _run(out: Path, max_restarts: int, **env: str) -> str:
+def _run(out: Path, max_restarts: int, extra_args: list[str] | None = None, **env: str) -> str:
     """The launcher with 3 groups; on a hang, the whole session is killed."""
     proc = subprocess.Popen(
         [
@@ -39,6 +51,7 @@ def _run(out: Path, max_restarts: int, **env: str) -> str:
             "1",
             "--max-restarts",
             str(max_restarts),
+            *(extra_args or []),
             *FAST,
             "--",
             sys.executable,
@@ -170,3 +183,63 @@ def test_a_stopped_group_is_left_behind_and_heals_when_continued(tmp_path: Path)
         end = events[g][-1]
         assert end["event"] == "end" and end["step"] == STEPS and end["global_step"] == STEPS
     _rounds_agree(tmp_path)
+
+
+@pytest.mark.multiprocess
+def test_a_stray_client_of_the_lighthouse_is_noticed_and_never_applied(tmp_path: Path) -> None:
+    """A fourth process that is not one of the run's groups reaches the lighthouse, joins three
+    quorums and sends a huge pseudo-gradient of the right shape with a contributor count of 1e6.
+    The lighthouse cannot tell it from a group (no authentication: the README says to keep it on a
+    private network). The groups notice either way: a quorum larger than the run
+    (``LIGHTNING_FEDOPT_FT_GROUPS``, from the launcher) or a contributor count no set of groups can
+    send; they log it and apply nothing in those rounds, so every group ends unpoisoned. What a stray
+    client can still do: break a round (the groups roll back, then heal from each other, and may end
+    a round apart), serve a heal, or, impersonating a dead group with plausible values, go unnoticed:
+    torchft 0.2.0 has no authentication."""
+    events = tmp_path / "events.jsonl"
+    stray_log: list[str] = []
+
+    def start_stray() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                address = next(
+                    json.loads(line)["address"]
+                    for line in events.read_text().splitlines()
+                    if json.loads(line)["event"] == "lighthouse"
+                )
+                break
+            except (OSError, StopIteration):
+                time.sleep(0.2)
+        time.sleep(6)  # the groups are training by now
+        out = subprocess.run(
+            [sys.executable, str(STRAY)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "FTS_LIGHTHOUSE": address,
+                "FTS_NUMEL": "98",
+                "FTS_ROUNDS": "3",
+            },
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        stray_log.append(out.stdout + out.stderr)
+
+    thread = threading.Thread(target=start_stray)
+    thread.start()
+    text = _run(tmp_path, max_restarts=0, extra_args=["--events", str(events)])
+    thread.join(timeout=120)
+    assert "stray: round with 4 groups" in stray_log[0], stray_log[0][-3000:]
+    assert "more than the 3 this run has" in text or "a client that is not one of this run" in text
+    syncs = [e for g in range(3) for e in _events(tmp_path, g) if e["event"] == "sync"]
+    assert any(e["quorum_size"] == 4.0 for e in syncs)  # the stray was in a quorum
+    assert all(e["committed"] == 0.0 for e in syncs if e["quorum_size"] == 4.0)
+    assert all(e["contributors"] <= e["quorum_size"] for e in syncs)  # never the stray's count
+    initial = _loss({f"net.{k}": v for k, v in make_net().state_dict().items()})
+    for g, final in enumerate(_finals(tmp_path)):  # nobody took the stray's values in, everybody finished
+        assert max(float(v.abs().max()) for v in final.values()) < 100, g  # the stray sent 1e6
+        assert _loss(final) < 0.9 * initial, g
+        assert _events(tmp_path, g)[-1]["event"] == "end"

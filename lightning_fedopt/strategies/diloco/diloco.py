@@ -4,7 +4,9 @@ DiLoCo (Douillard et al., "DiLoCo: Distributed Low-Communication Training of Lan
 arXiv 2311.08105): every replica takes ``H`` steps of its own (inner) optimizer from the outer
 weights ``phi``; then the pseudo-gradient ``Delta = phi - mean_i theta_i`` (old outer weights minus
 new local ones) is all-reduced, set as ``phi.grad`` and stepped by an **outer** ``torch.optim``
-optimizer (default SGD, lr 0.7, momentum 0.9, Nesterov); every replica restarts from the new ``phi``.
+optimizer (default SGD, momentum 0.9, Nesterov, with a learning rate that follows the number of
+replicas: see :mod:`~lightning_fedopt.strategies.diloco.outer`); every replica restarts from the
+new ``phi``.
 
 Streaming DiLoCo (Douillard et al., "Streaming DiLoCo with overlapping communication",
 arXiv 2501.18512): the tracked tensors are split into ``F`` fragments synchronised in turn,
@@ -78,8 +80,13 @@ class DiLoCoStrategy(ReplicaStrategy):
             without fragments and delay).
         outer_optimizer: a ``torch.optim.Optimizer`` class (``torch.optim.SGD``), its name
             (``"SGD"``, ``"Adam"``), or any callable ``params -> Optimizer``. Default: SGD with
-            lr 0.7, momentum 0.9, Nesterov (the paper's).
-        outer_kwargs: keyword arguments for ``outer_optimizer`` (e.g. ``{"lr": 0.5}``).
+            momentum 0.9, Nesterov (the papers'), and a learning rate that follows the number of
+            replicas ``M`` unless ``outer_kwargs`` gives one: 0.4 for ``M = 1``, 0.6 for
+            ``M = 2..4``, 0.8 for ``M >= 5`` ("Scaling Laws for DiLoCo", arXiv 2503.09799, Figure
+            7; 0.7, the DiLoCo paper's, under ``fault_tolerance="torchft"``), resolved at set-up
+            and logged (:class:`~lightning_fedopt.strategies.diloco.outer.ScalingLawOuterOptimizer`).
+        outer_kwargs: keyword arguments for ``outer_optimizer`` (e.g. ``{"lr": 0.5}``; an explicit
+            ``lr`` always wins).
         fragments: ``F`` (>= 1), number of parameter fragments synchronised in turn.
         fragment_layout: ``"strided"``: whole layers (a module's tensors, or a numbered block's
             such as ``h.3``) dealt round-robin, layer ``j`` to fragment ``j mod F``, as in the
@@ -146,7 +153,8 @@ class DiLoCoStrategy(ReplicaStrategy):
             assert isinstance(sync_every, int)
             schedule = FragmentEvents(sync_every, fragments, sync_delay)
         super().__init__(schedule, warmup_steps=warmup_steps, **kwargs)
-        self.outer_factory = outer_factory(outer_optimizer, outer_kwargs)
+        # the default outer learning rate follows this strategy's number of replicas (set-up)
+        self.outer_factory = outer_factory(outer_optimizer, outer_kwargs, strategy=self)
         self.sync_every = sync_every if isinstance(sync_every, int) else None
         self.fragments = fragments
         self.sync_delay = sync_delay
@@ -440,6 +448,8 @@ class DiLoCoStrategy(ReplicaStrategy):
         managed = self.faults.managed
         assert managed is not None
         info = managed.start_round()
+        allowed = self.faults.quorum_allowed(info, self.replica_step)
+        contribute = contribute and allowed
         tensors = self.tracked_tensors()
         local_nonfinite = contribute and not info.healed and not self.is_finite(tensors)
         finite = contribute and not info.healed and not local_nonfinite
@@ -453,8 +463,10 @@ class DiLoCoStrategy(ReplicaStrategy):
                 deltas = [torch.zeros_like(t) for t in tensors]
             count = torch.tensor([1.0 if finite else 0.0], dtype=tensors[0].dtype, device=tensors[0].device)
         reduced = managed.all_reduce([*deltas, count], "sum").wait()
-        committed = managed.commit() and reduced
+        committed = managed.commit() and reduced and allowed
         n_valid = round(float(count)) if reduced else 0
+        if reduced and not self.faults.contributors_allowed(float(count), info, self.replica_step):
+            committed, n_valid = False, 0
         if committed and n_valid > 0:
             self._outer_step(None, list(range(len(tensors))), deltas, n_valid, 1.0)
         with torch.no_grad():
