@@ -47,11 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     store = sub.add_parser("store", help="host the rendezvous store until killed")
-    store.add_argument("--host", default="0.0.0.0")
+    store.add_argument("--host", default="127.0.0.1", help="the address the agents use to reach the store")
     store.add_argument("--port", type=int, default=29400)
     args = parser.parse_args(argv)
     from lightning_fedopt.comm import host_store
 
+    print(
+        "note: torch's TCPStore listens on every interface of this machine whatever --host says, and has no "
+        "authentication: anyone who reaches this port can read and write the run's keys (stop it, or pose as "
+        "a rank). Keep the port behind a firewall or on a private network (a VPN)",
+        flush=True,
+    )
     server = host_store(args.host, args.port)
     print(f"rendezvous store on {args.host}:{args.port}", flush=True)
     try:
