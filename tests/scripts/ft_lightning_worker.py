@@ -1,5 +1,5 @@
 """One replica group of a fault-tolerant DiLoCo run: a Lightning Trainer on one process whose
-strategy is ``DiLoCoStrategy(fault_tolerance="torchft")``, started (and restarted) by
+strategy is ``DiLoCoStrategy(fault_tolerance="torchft")`` (``FTL_STRATEGY=local_sgd``: Local SGD), started (and restarted) by
 ``python -m lightning_fedopt.fault_tolerance.launch``.
 
 Environment: ``FTL_OUT`` (folder for the logs), ``FTL_STEPS``, ``FTL_H``, ``FTL_SLEEP`` (seconds
@@ -81,9 +81,10 @@ def main() -> None:
     pause_at = (
         int(os.environ["FTL_PAUSE_AT_STEP"]) if os.environ.get("FTL_PAUSE_GROUP") == str(GROUP) else None
     )
-    strategy = lf.DiLoCoStrategy(
-        sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0
-    )
+    algorithm = {"diloco": lf.DiLoCoStrategy, "local_sgd": lf.LocalSGDStrategy}[
+        os.environ.get("FTL_STRATEGY", "diloco")
+    ]
+    strategy = algorithm(sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

@@ -41,6 +41,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int
+from lightning_fedopt.fault_tolerance.rounds import torchft_round
 from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.diloco.fragments import (
@@ -445,47 +446,21 @@ class DiLoCoStrategy(ReplicaStrategy):
         step only if the round committed. Every group restarts from the global weights: the new ones,
         or, when the round did not commit, the ones before it (its local steps are dropped; never a
         partial average)."""
-        managed = self.faults.managed
-        assert managed is not None
-        info = managed.start_round()
-        allowed = self.faults.quorum_allowed(info, self.replica_step)
-        contribute = contribute and allowed
-        tensors = self.tracked_tensors()
-        local_nonfinite = contribute and not info.healed and not self.is_finite(tensors)
-        finite = contribute and not info.healed and not local_nonfinite
-        with torch.no_grad():
-            if finite:
-                deltas = [
-                    (phi.to(t.device) - t) if is_param else t.detach().clone()
-                    for t, phi, is_param in zip(tensors, self._outer_weights, self._is_param)
-                ]
-            else:
-                deltas = [torch.zeros_like(t) for t in tensors]
-            count = torch.tensor([1.0 if finite else 0.0], dtype=tensors[0].dtype, device=tensors[0].device)
-        reduced = managed.all_reduce([*deltas, count], "sum").wait()
-        committed = managed.commit() and reduced and allowed
-        n_valid = round(float(count)) if reduced else 0
-        if reduced and not self.faults.contributors_allowed(float(count), info, self.replica_step):
-            committed, n_valid = False, 0
-        if committed and n_valid > 0:
-            self._outer_step(None, list(range(len(tensors))), deltas, n_valid, 1.0)
-        with torch.no_grad():
-            for t, phi in zip(tensors, self._outer_weights):
-                t.copy_(phi.to(t.device))
+        n = len(self._outer_weights)
+        numbers, local_nonfinite = torchft_round(
+            self.faults,
+            self.tracked_tensors(),
+            self._outer_weights,
+            self._is_param,
+            self.replica_step,
+            apply=lambda sums, n_valid: self._outer_step(None, list(range(n)), sums, n_valid, 1.0),
+            contribute=contribute,
+        )
         self._at_global = True
-        self.faults.note_round(info, committed, self.replica_step)
         if local_nonfinite:  # left out of the sum; restarted from the global weights
             self.record_nonfinite(0, local=True)
             self.reset_optimizer_state()
-        return {
-            "quorum_size": float(info.participants),
-            "contributors": float(n_valid),
-            "healed": float(info.healed),
-            "committed": float(committed),
-            "quorum_seconds": float(info.seconds),
-            "quorum_id": float(info.quorum_id),
-            "round": float(info.step),
-        }
+        return numbers
 
     @override
     def final_sync(self) -> None:

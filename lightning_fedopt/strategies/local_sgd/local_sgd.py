@@ -43,6 +43,7 @@ from typing_extensions import override
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int, check_seed
 from lightning_fedopt.compression import Compressor, get_compressor
 from lightning_fedopt.data.pacing import ReplicaSelection
+from lightning_fedopt.fault_tolerance.rounds import torchft_round
 from lightning_fedopt.merging import Merge, as_merge
 from lightning_fedopt.runtime.optimizer_state import average_optimizer_state
 from lightning_fedopt.runtime.reduce import MaskedSum, NoFiniteReplicaError, masked_sum
@@ -109,6 +110,7 @@ class LocalSGDStrategy(ReplicaStrategy):
 
     strategy_name = "local_sgd"
     supports_round_seconds = True
+    supports_fault_tolerance = True
 
     def __init__(
         self,
@@ -162,6 +164,8 @@ class LocalSGDStrategy(ReplicaStrategy):
         # the last round's result (FedAvg's server model); kept only where a round needs it
         self._last_average: list[Tensor] = []
         self._fedau: FedAUState | None = None
+        self._is_param: list[bool] = []
+        self.check_fault_tolerance()
 
     # ---------------------------------------------------------------- state
     @override
@@ -178,9 +182,13 @@ class LocalSGDStrategy(ReplicaStrategy):
             or self.round_seconds is not None
             or not self.merge.linear
             or self.compressor is not None
+            or self.fault_tolerance is not None  # what a group that heals receives
         )
         self._last_average = [t.detach().clone() for t in self.tracked_tensors()] if keep else []
         self._fedau = FedAUState(self.outer_world_size, self.fedau_cutoff) if self.adaptive_weights else None
+        module = self.lightning_module
+        params = {name for name, _ in module.named_parameters()} if module is not None else set()
+        self._is_param = [name in params for name, _ in self.tracked_named_tensors()]
 
     @override
     def algorithm_state_dict(self) -> dict[str, Any]:
@@ -216,6 +224,55 @@ class LocalSGDStrategy(ReplicaStrategy):
             self._round_losses.load_state(state["round_loss"], self.root_device)
             self.selection_history = list(state.get("selection_history", []))
 
+    # ---------------------------------------------------------------- fault_tolerance="torchft"
+    @override
+    def fault_tolerance_unsupported(self) -> str | None:
+        options = {
+            "compressor": self.compressor is not None,
+            "participation": self.participation != 1.0,
+            "weighting='samples'": self.weighting != "uniform",
+            "adaptive_weights": self.adaptive_weights,
+            "merge": self.merge.method != "mean",
+            "selection": self.selection is not None,
+            "average_optimizer_state": self.average_optimizer_state,
+            "server_lr": self.server_lr != 1.0,
+        }
+        used = [name for name, on in options.items() if on]
+        if used:
+            return (
+                f"a torchft round is the uniform mean of the groups that computed it; {', '.join(used)} "
+                "would need more than one managed all-reduce per round"
+            )
+        return None
+
+    @override
+    def sync_fault_tolerant(self, contribute: bool = True) -> dict[str, float]:
+        """Local SGD as a torchft round: the global weights are the last round's average, each group
+        sends ``global - local``, the mean of the groups that computed it moves the global weights to
+        their average (``rounds.torchft_round``)."""
+
+        def average(sums: list[Tensor], n: int) -> None:
+            with torch.no_grad():
+                for g, s, param in zip(self._last_average, sums, self._is_param):
+                    if param:
+                        g.sub_((s / n).to(g.dtype))
+                    else:
+                        g.copy_(s / n)
+
+        numbers, local_nonfinite = torchft_round(
+            self.faults,
+            self.tracked_tensors(),
+            self._last_average,
+            self._is_param,
+            self.replica_step,
+            apply=average,
+            contribute=contribute,
+        )
+        if local_nonfinite:
+            self.record_nonfinite(0, local=True)
+            self.reset_optimizer_state()
+        return numbers
+
     @property
     def compression_ratio(self) -> float | None:
         """Uncompressed / compressed bytes of the compressed synchronisations so far (None without a compressor)."""
@@ -228,6 +285,10 @@ class LocalSGDStrategy(ReplicaStrategy):
 
     @override
     def final_sync(self) -> None:
+        if self.fault_tolerance is not None:
+            if self.steps_since_sync > 0:  # the last, partial round, as a torchft round
+                self.sync_fault_tolerant()
+            return
         if self.round_seconds is not None:
             if self.steps_since_sync > 0:  # the last, partial round under the same normalised rule
                 self.sync()
@@ -406,7 +467,10 @@ class LocalSGDStrategy(ReplicaStrategy):
     @override
     def consensus_values(self) -> list[Tensor]:
         """The weighted mean of every replica with finite weights (one all-reduce), or with a
-        ``merge``, their merge (one all-gather)."""
+        ``merge``, their merge (one all-gather). Under ``fault_tolerance="torchft"``: the last
+        round's average (no traffic: the other groups are reached only through a round)."""
+        if self.fault_tolerance is not None:
+            return [g.detach().clone() for g in self._last_average]
         if not self.merge.linear:
             return self._merged("consensus")[0]
         s = self._masked_sum(self.tracked_tensors(), self._weight(), purpose="consensus")

@@ -1,4 +1,4 @@
-"""``DiLoCoStrategy(fault_tolerance="torchft")``: replica groups that die, come back and heal from a
+"""``fault_tolerance="torchft"`` (DiLoCo, Local SGD): replica groups that die, come back and heal from a
 live peer while the others keep training. Real processes: torchft's lighthouse and 3 replica groups
 of one Lightning process each, started and restarted by ``python -m
 lightning_fedopt.fault_tolerance.launch``; the group that dies ``kill -9``s itself at a fixed step
@@ -128,7 +128,10 @@ def test_groups_without_failure_end_bit_identical(tmp_path: Path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_a_group_killed_between_syncs_heals_and_the_others_keep_their_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["diloco", "local_sgd"])
+def test_a_group_killed_between_syncs_heals_and_the_others_keep_their_processes(
+    tmp_path: Path, strategy: str
+) -> None:
     """Group 1 ``kill -9``s itself at step 6 (between the syncs of steps 4 and 8). Groups 0 and 2
     go on in the same processes with a quorum of 2 (never a partial average: each committed round's
     contributors are the groups that computed it); the launcher restarts group 1, whose first round
@@ -136,7 +139,7 @@ def test_a_group_killed_between_syncs_heals_and_the_others_keep_their_processes(
     average; every group reaches max_steps and ends bit-identical."""
     out = tmp_path / "faulty"
     out.mkdir()
-    text = _run(out, max_restarts=1, FTL_KILL_GROUP="1", FTL_KILL_AT_STEP="6")
+    text = _run(out, max_restarts=1, FTL_KILL_GROUP="1", FTL_KILL_AT_STEP="6", FTL_STRATEGY=strategy)
     assert "killed by SIGKILL" in text and "restart 1/1" in text
     pids = {g: {e["pid"] for e in _events(out, g)} for g in range(3)}
     assert len(pids[0]) == 1 and len(pids[2]) == 1 and len(pids[1]) == 2  # survivors never restarted
