@@ -52,7 +52,7 @@ STRATEGIES: dict[str, Row] = {
     ),
     "diloco_paper": (
         "DiLoCoStrategy(sync_every=64) with the paper's outer SGD lr 0.7 momentum 0.9 Nesterov",
-        lf_row("DiLoCoStrategy", sync_every=64),
+        lf_row("DiLoCoStrategy", sync_every=64, outer_kwargs={"lr": 0.7, "momentum": 0.9, "nesterov": True}),
     ),
     "streaming_diloco": (
         "DiLoCoStrategy(sync_every=64, fragments=4, sync_delay=8, mixing=0.5)",
@@ -79,7 +79,7 @@ STRATEGIES: dict[str, Row] = {
     ),
     "co2_paper": (
         "CO2Strategy(sync_every=64) with the released code's outer lr 1, momentum 0.5, clip 1",
-        lf_row("CO2Strategy", sync_every=64),
+        lf_row("CO2Strategy", sync_every=64, outer_momentum=0.5),
     ),
     "noloco": (
         "NoLoCoStrategy(sync_every=64): random pairs, point-to-point",

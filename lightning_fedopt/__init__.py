@@ -19,7 +19,7 @@ from lightning_fedopt.errors import (
 )
 from lightning_fedopt.merging import Merge
 from lightning_fedopt.runtime.registry import register_name
-from lightning_fedopt.schedules import Explicit, Increasing, LateBudget, Periodic, SyncSchedule
+from lightning_fedopt.schedules import AutoSync, Explicit, Increasing, LateBudget, Periodic, SyncSchedule
 from lightning_fedopt.strategies import (
     CO2Strategy,
     CompressedDDPStrategy,
@@ -30,6 +30,7 @@ from lightning_fedopt.strategies import (
     MeteredDDPStrategy,
     NoLoCoStrategy,
     ReplicaStrategy,
+    SparseLoCoStrategy,
     StreamingDiLoCoStrategy,
 )
 from lightning_fedopt.topology import Topology
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgreementError",
+    "AutoSync",
     "CO2Strategy",
     "CommStats",
     "Communicator",
@@ -59,6 +61,7 @@ __all__ = [
     "ReplicaLostError",
     "ReplicaStrategy",
     "ReplicasOutOfStepError",
+    "SparseLoCoStrategy",
     "StreamingDiLoCoStrategy",
     "SyncSchedule",
     "Topology",
@@ -82,6 +85,7 @@ def _register() -> None:
         CO2Strategy,
         StreamingDiLoCoStrategy,
         NoLoCoStrategy,
+        SparseLoCoStrategy,
         FedSpeedStrategy,
         GossipStrategy,
     ):

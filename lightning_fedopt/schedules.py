@@ -10,6 +10,12 @@ count, so every rank reaches the same answer and a resumed run needs nothing but
 * :class:`LateBudget` — a fixed budget of ``K`` synchronisations over ``T`` steps, concentrated
   towards the end (in the spirit of "A Single Merging Suffices", arXiv 2507.06542).
 * :class:`Explicit` — synchronise at the listed steps.
+* :class:`AutoSync` (``sync_every="auto"``) — ``H`` chosen from measurements: after the first
+  synchronisation (and every ``remeasure_every`` after it) the ranks agree on the slowest measured
+  compute time per step and synchronisation time, and ``H`` becomes the smallest period whose
+  synchronisation takes at most ``budget`` of the wall time
+  (:func:`lightning_fedopt.plan.choose_sync_every`). The decisions are state (saved with the
+  checkpoint), so the schedule is still a pure function of the step count and what was agreed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_float, check_int
 
-__all__ = ["Explicit", "Increasing", "LateBudget", "Periodic", "SyncSchedule", "as_schedule"]
+__all__ = ["AutoSync", "Explicit", "Increasing", "LateBudget", "Periodic", "SyncSchedule", "as_schedule"]
 
 
 class SyncSchedule(ABC):
@@ -204,8 +210,101 @@ class Explicit(SyncSchedule):
         return step in self._set
 
 
-def as_schedule(sync_every: int | SyncSchedule, warmup_steps: int = 0) -> SyncSchedule:
-    """Turn a strategy's ``sync_every``/``warmup_steps`` arguments into a schedule."""
+class AutoSync(SyncSchedule):
+    """``sync_every="auto"``: the period ``H`` that keeps synchronisation within ``budget`` of the
+    wall time, from the compute time per step and the synchronisation time the ranks measured.
+
+    The first ``probe`` steps run with ``H = probe``; at that synchronisation (and every
+    ``remeasure_every`` synchronisations after it, since links change) the strategy calls
+    :meth:`decide` with the slowest rank's numbers (agreed through one 16-byte all-reduce), and
+    from the next step on ``H`` is ``choose_sync_every(step_seconds, sync_seconds, budget, low,
+    high)``. :attr:`decisions` (``(first step, H)`` pairs) is the state; every rank holds the same.
+
+    Args:
+        budget: the largest share of the wall time spent in synchronisation, in (0, 1).
+        low, high: bounds of ``H`` (``1 <= low <= high``).
+        probe: ``H`` until the first measurement (>= 1).
+        remeasure_every: synchronisations between measurements (None: once).
+
+    Example:
+        >>> auto = AutoSync(budget=0.05, probe=4)
+        >>> auto.sync_steps(8)
+        [4, 8]
+        >>> auto.decide(step=8, step_seconds=0.08, sync_seconds=0.322)
+        77
+        >>> auto.sync_steps(90)[-2:]
+        [8, 85]
+    """
+
+    def __init__(
+        self,
+        budget: float = 0.05,
+        *,
+        low: int = 1,
+        high: int = 1000,
+        probe: int = 8,
+        remeasure_every: int | None = None,
+    ) -> None:
+        self.budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.low = check_int("low", low, low=1, high=10**6)
+        self.high = check_int("high", high, low=1, high=10**6)
+        if self.high < self.low:
+            raise ValueError(f"`high` ({self.high}) must be >= `low` ({self.low})")
+        self.probe = check_int("probe", probe, low=1, high=10**6)
+        self.remeasure_every = check_int("remeasure_every", remeasure_every, low=1, high=10**6, allow_none=True)
+        #: ``(first step, H)``: H applies to the steps after ``first step``
+        self.decisions: list[tuple[int, int]] = [(0, self.probe)]
+        self._measurements = 0
+
+    @property
+    def every(self) -> int:
+        """The current period ``H``."""
+        return self.decisions[-1][1]
+
+    @override
+    def should_sync(self, step: int) -> bool:
+        starts = [s for s, _ in self.decisions]
+        start, every = self.decisions[bisect.bisect_left(starts, step) - 1]
+        return (step - start) % every == 0
+
+    def wants_measurement(self, sync_count: int) -> bool:
+        """Whether the synchronisation number ``sync_count`` (1-based) is measured."""
+        if sync_count == 1:
+            return True
+        return self.remeasure_every is not None and (sync_count - 1) % self.remeasure_every == 0
+
+    def decide(self, step: int, step_seconds: float, sync_seconds: float) -> int:
+        """Set ``H`` from the agreed measurements, for the steps after ``step``; returns it."""
+        from lightning_fedopt.plan.cost import choose_sync_every
+
+        every = choose_sync_every(
+            max(step_seconds, 1e-9), max(sync_seconds, 0.0), budget=self.budget, low=self.low, high=self.high
+        )
+        if every != self.every:
+            self.decisions.append((int(step), int(every)))
+        return every
+
+    def state_dict(self) -> dict[str, list[list[int]]]:
+        """The decisions (plain values: saved in the checkpoint's meta entry)."""
+        return {"decisions": [[s, h] for s, h in self.decisions]}
+
+    def load_state_dict(self, state: dict[str, list[list[int]]]) -> None:
+        """Restore :meth:`state_dict`."""
+        decisions = [(int(s), int(h)) for s, h in state["decisions"]]
+        if not decisions or decisions[0][0] != 0 or any(h < 1 for _, h in decisions):
+            raise ValueError(f"AutoSync: not a schedule's state: {state!r}")
+        self.decisions = decisions
+
+
+def as_schedule(sync_every: int | str | SyncSchedule, warmup_steps: int = 0) -> SyncSchedule:
+    """Turn a strategy's ``sync_every``/``warmup_steps`` arguments into a schedule
+    (``"auto"``: an :class:`AutoSync` with its defaults)."""
+    if isinstance(sync_every, str):
+        if sync_every != "auto":
+            raise ValueError(
+                f"`sync_every` must be an integer >= 1, 'auto' or a SyncSchedule, got {sync_every!r}"
+            )
+        sync_every = AutoSync()
     if isinstance(sync_every, SyncSchedule):
         if warmup_steps:
             raise ValueError("`warmup_steps` cannot be combined with a SyncSchedule object; build it in")

@@ -42,7 +42,8 @@ def states(nets: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
 
 
 def default_outer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+    # DiLoCoStrategy's default for 2 replicas (Scaling Laws for DiLoCo, Figure 7)
+    return torch.optim.SGD(params, lr=0.6, momentum=0.9, nesterov=True)
 
 
 def reference_diloco(

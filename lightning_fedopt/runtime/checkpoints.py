@@ -111,6 +111,7 @@ class ReplicaCheckpoints:
         world_size: int,
         counters: dict[str, int],
         algorithm_state: dict[str, Any],
+        schedule_state: dict[str, Any] | None = None,
         module_state: dict[str, Any],
         optimizer_states: list[dict[str, Any]],
         per_replica_callbacks: set[str],
@@ -124,6 +125,7 @@ class ReplicaCheckpoints:
             "counters": dict(counters),
             "algorithm": algorithm_state,
             "replica_shards": True,
+            **({"schedule": schedule_state} if schedule_state is not None else {}),
         }
         shard = {
             **where,
@@ -175,6 +177,7 @@ class ReplicaCheckpoints:
         self,
         load_counters: Callable[[dict[str, Any], bool], None],
         load_algorithm_state: Callable[[dict[str, Any]], None],
+        load_schedule: Callable[[dict[str, Any] | None], None] | None = None,
     ) -> None:
         """Once the algorithm is set up: the counters (this rank's own, or the consensus's),
         the algorithm's global state, and the registered per-replica state of the shard."""
@@ -185,6 +188,8 @@ class ReplicaCheckpoints:
         else:
             load_counters(meta["counters"], False)
         load_algorithm_state(meta["algorithm"])
+        if load_schedule is not None:
+            load_schedule(meta.get("schedule"))
         if shard is not None:
             self.registry.load_state_dict(shard, phase="setup")
 

@@ -5,6 +5,7 @@ from lightning_fedopt.strategies.ddp import MeteredDDPStrategy
 from lightning_fedopt.strategies.diloco.co2 import CO2OuterOptimizer, CO2Strategy
 from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy, StreamingDiLoCoStrategy
 from lightning_fedopt.strategies.diloco.noloco import NoLoCoStrategy
+from lightning_fedopt.strategies.diloco.sparseloco import SparseLoCoStrategy
 from lightning_fedopt.strategies.gossip.gossip import GossipStrategy
 from lightning_fedopt.strategies.local_sgd.fedspeed import FedSpeedStrategy
 from lightning_fedopt.strategies.local_sgd.local_sgd import LocalSGDStrategy
@@ -21,5 +22,6 @@ __all__ = [
     "MeteredDDPStrategy",
     "NoLoCoStrategy",
     "ReplicaStrategy",
+    "SparseLoCoStrategy",
     "StreamingDiLoCoStrategy",
 ]

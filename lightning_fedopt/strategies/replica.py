@@ -105,7 +105,7 @@ from lightning_fedopt.runtime.shards import (
     replica_shard_path,
 )
 from lightning_fedopt.runtime.tracked import TrackedTensors
-from lightning_fedopt.schedules import SyncSchedule, as_schedule
+from lightning_fedopt.schedules import AutoSync, SyncSchedule, as_schedule
 
 log = logging.getLogger("lightning_fedopt")
 
@@ -205,7 +205,7 @@ class ReplicaStrategy(CountedDDPStrategy):
 
     def __init__(
         self,
-        sync_every: int | SyncSchedule = 1,
+        sync_every: int | str | SyncSchedule = 1,
         *,
         warmup_steps: int = 0,
         evaluate: str = "consensus",
@@ -281,6 +281,11 @@ class ReplicaStrategy(CountedDDPStrategy):
             if elastic:
                 raise ValueError(
                     "`fault_tolerance` and `elastic` exclude each other: choose in-process recovery or torchrun restarts"
+                )
+            if sync_every == "auto" or isinstance(sync_every, AutoSync):
+                raise ValueError(
+                    "`sync_every='auto'` cannot be combined with `fault_tolerance`: each replica group would "
+                    "measure and choose its own H, and torchft's rounds pair the groups' synchronisations"
                 )
             if group_size != 1:
                 raise ValueError(
@@ -560,6 +565,10 @@ class ReplicaStrategy(CountedDDPStrategy):
     def _load_nonfinite_events(self, events: list[dict[str, int]]) -> None:
         self.run.nonfinite_events = list(events)
 
+    def _load_schedule(self, state: dict[str, Any] | None) -> None:
+        if state is not None and isinstance(self.schedule, AutoSync):
+            self.schedule.load_state_dict(state)
+
     def _load_counters(self, counters: dict[str, Any], own: bool) -> None:
         self.run.counts = Counters.from_shard(counters) if own else Counters.from_meta(counters)
 
@@ -646,7 +655,7 @@ class ReplicaStrategy(CountedDDPStrategy):
         self.tracked.collect(module)
         self.setup_algorithm()
         if self.checkpoints.resuming:
-            self.checkpoints.restore(self._load_counters, self.load_algorithm_state_dict)
+            self.checkpoints.restore(self._load_counters, self.load_algorithm_state_dict, self._load_schedule)
         self.run.algorithm_ready = True
         if self.fault_tolerance == "torchft":
             self._join_replica_groups()
@@ -770,9 +779,17 @@ class ReplicaStrategy(CountedDDPStrategy):
 
     def _run_sync(self) -> None:
         seconds_before = self.comms.stats.seconds
+        compute, computed = self.run.round_compute, self.run.counts.effective_steps
         info = (self.sync_fault_tolerant() if self.fault_tolerance else self.sync()) or {}
         counts = self.run.counts
         counts.sync_count += 1
+        if isinstance(self.schedule, AutoSync) and self.schedule.wants_measurement(counts.sync_count):
+            info = {
+                **info,
+                **self._choose_sync_every(
+                    compute / max(computed, 1), self.comms.stats.seconds - seconds_before
+                ),
+            }
         counts.steps_since_sync = 0
         counts.samples_since_sync = 0
         self.run.close_round(self.round_seconds is not None)
@@ -782,6 +799,24 @@ class ReplicaStrategy(CountedDDPStrategy):
             "sync_seconds": self.comms.stats.seconds - seconds_before,
         }
         self.run.last_sync = info
+
+    def _choose_sync_every(self, step_seconds: float, sync_seconds: float) -> dict[str, float]:
+        """``sync_every="auto"``: every rank takes the slowest rank's compute time per step and
+        synchronisation time (one 16-byte all-reduce) and the same ``H`` from them."""
+        assert isinstance(self.schedule, AutoSync)
+        measured = torch.tensor([step_seconds, sync_seconds], dtype=torch.float64, device=self.root_device)
+        self.comm.all_reduce([measured], "max", purpose="control")
+        step_s, sync_s = float(measured[0]), float(measured[1])
+        every = self.schedule.decide(self.run.counts.replica_step, step_s, sync_s)
+        log.info(
+            "lightning_fedopt: sync_every='auto': %.4f s per step, %.4f s per synchronisation -> H = %d "
+            "(budget %.0f%%)",
+            step_s,
+            sync_s,
+            every,
+            100 * self.schedule.budget,
+        )
+        return {"sync_every": float(every), "measured_step_seconds": step_s, "measured_sync_seconds": sync_s}
 
     def _close_training(self, close: Callable[[], None]) -> None:
         """Run ``close`` (the final synchronisation) and count it as a synchronisation if it was one."""
@@ -916,6 +951,7 @@ class ReplicaStrategy(CountedDDPStrategy):
                 world_size=self.world_size,
                 counters=self.run.counts.as_dict(),
                 algorithm_state=self.algorithm_state_dict(),
+                schedule_state=self.schedule.state_dict() if isinstance(self.schedule, AutoSync) else None,
                 module_state=self.consensus.local_state_dict(module),
                 optimizer_states=[self.optimizer_state(opt) for opt in self.optimizers],
                 per_replica_callbacks=_per_replica_callback_keys(self._current_trainer()),

@@ -139,6 +139,10 @@ _target(
     "fragments", "fragment_layout", "sync_delay", "mixing", "offload_global", "compressor", "warmup_steps",
 )  # fmt: skip
 _target(
+    "SparseLoCoStrategy", strategies.SparseLoCoStrategy, {}, "sync_every", "compressor", "outer_optimizer",
+    "outer_kwargs", "offload_global", "fragments", "sync_delay", "mixing",
+)  # fmt: skip
+_target(
     "StreamingDiLoCoStrategy",
     strategies.StreamingDiLoCoStrategy,
     {},
@@ -202,6 +206,7 @@ _target(
     "power",
 )
 _target("Explicit", schedules.Explicit, {"steps": [1, 2]}, "steps")
+_target("AutoSync", schedules.AutoSync, {}, "budget", "low", "high", "probe", "remeasure_every")
 _target("as_schedule", schedules.as_schedule, {"sync_every": 2}, "sync_every", "warmup_steps")
 for _t in ("ring", "torus", "exponential", "one_peer_exponential", "fully_connected"):
     _target(_t, getattr(topology, _t), {"n": 4}, "n")

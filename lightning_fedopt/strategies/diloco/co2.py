@@ -10,30 +10,58 @@ starts the next round from the new outer weights. The outer update is
 * ``m <- clamp(m, -c, c)``  element-wise (outer-momentum clipping; the clamped value is kept),
 * ``phi_{t+1} <- phi_t - alpha m``.
 
-The staleness-gap penalty ``Lambda_t`` is either a constant divisor of the stale pseudo-gradient,
-as in the authors' released code (``co2_gap_penalty``, 1.0 by default), or the paper's adaptive
-penalty, computed every round from how far the outer weights moved since the stale
-pseudo-gradient's round began (``gap_penalty="adaptive"``, see :class:`CO2OuterOptimizer`).
-The other defaults follow the released code too: ``beta=0.5``, ``alpha=1``, ``H=48``.
+The staleness-gap penalty ``Lambda_t`` is a constant divisor of the stale pseudo-gradient, as in
+the authors' released code (``co2_gap_penalty``, 1.0 by default), or ``gap_penalty="adaptive"``,
+this package's own heuristic (not the paper's formula, which could not be checked here; see
+:class:`CO2OuterOptimizer`). The other defaults follow the released code too: ``alpha=1``
+(``outer_lr``), ``H=48`` (fairscale-CO2's ``outer_frequency``), clipping at 1.0 (the 4-GPU example),
+and the outer momentum ``beta`` by world size when not given (:func:`co2_outer_momentum`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lightning_fedopt._validate import check_float
+from lightning_fedopt._validate import check_float, check_int
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy
 from lightning_fedopt.strategies.diloco.outer import MAX_OUTER_LR
 
-__all__ = ["CO2OuterOptimizer", "CO2Strategy"]
+__all__ = ["CO2OuterFactory", "CO2OuterOptimizer", "CO2Strategy", "co2_outer_momentum"]
 
-#: ``gap_penalty`` value selecting the paper's adaptive staleness-gap penalty
+log = logging.getLogger("lightning_fedopt")
+
+#: ``gap_penalty`` value selecting this package's adaptive staleness-gap heuristic
 ADAPTIVE = "adaptive"
+
+#: the authors' outer momentum by world size (fairseq-CO2, ``fairseq/models/distributed_fairseq_model.py``,
+#: ``ddp_backend == "co2"`` with ``co2_outer_momentum`` unset): ``(largest world size, beta)``
+CO2_MOMENTUM_BY_WORLD_SIZE: tuple[tuple[int, float], ...] = ((16, 0.0), (32, 0.2), (64, 0.5))
+#: beyond the last bound
+CO2_MOMENTUM_ABOVE = 0.6
+
+
+def co2_outer_momentum(world_size: int) -> float:
+    """CO2's outer momentum ``beta`` for ``world_size`` processes when none is given, the authors'
+    rule (weigao266/fairseq-CO2, ``fairseq/models/distributed_fairseq_model.py``): "if
+    args.distributed_world_size <= 16: args.co2_outer_momentum = 0.0 / elif <= 32: 0.2 / elif
+    <= 64: 0.5 / else: 0.6" (the same values as fairseq's SlowMo defaults, "obtained by tuning on
+    the En-De 16 dataset"; their 4-GPU GPT-2 example passes 0.2 explicitly).
+
+    Example:
+        >>> [co2_outer_momentum(n) for n in (1, 2, 16, 17, 32, 33, 64, 65)]
+        [0.0, 0.0, 0.0, 0.2, 0.2, 0.5, 0.5, 0.6]
+    """
+    world_size = check_int("world_size", world_size, low=1)
+    for bound, beta in CO2_MOMENTUM_BY_WORLD_SIZE:
+        if world_size <= bound:
+            return beta
+    return CO2_MOMENTUM_ABOVE
 
 
 def _check_gap_penalty(gap_penalty: Any) -> float | str:
@@ -53,12 +81,16 @@ class CO2OuterOptimizer(torch.optim.Optimizer):
     ``m <- beta m + grad / Lambda``; ``m <- clamp(m, -clip, clip)`` (if ``clip`` is set);
     ``p <- p - lr m``.
 
-    ``gap_penalty`` is ``Lambda``: a constant (> 0), or ``"adaptive"``: the paper's staleness-gap
-    penalty, per tensor ``Lambda_t = 1 + ||x_t - x_{t-1}|| / ||1||`` where ``x_t - x_{t-1}`` is
-    how far the outer weights moved since the stale pseudo-gradient's round began (the last outer
-    step, ``-lr m``) and ``||1||`` the norm of an all-ones tensor of the same shape, i.e. one plus the
-    root-mean-square of that move. It is 1 before the first step, and grows the more the weights
-    moved while the pseudo-gradient was in flight.
+    ``gap_penalty`` is ``Lambda``: a constant (> 0), or ``"adaptive"``: this package's own
+    heuristic in the spirit of the paper's staleness-gap penalty (not its formula, which could not
+    be checked against the paper's text here), per tensor ``Lambda_t = 1 + ||x_t - x_{t-1}|| / ||1||``
+    where ``x_t - x_{t-1}`` is how far the outer weights moved since the stale pseudo-gradient's
+    round began (the last outer step, ``-lr m``) and ``||1||`` the norm of an all-ones tensor of
+    the same shape, i.e. one plus the root-mean-square of that move. It is 1 before the first step
+    and grows the more the weights moved while the pseudo-gradient was in flight. It is in weight
+    units, not scale-free: for ordinary rounds the move is ~1e-3 to 1e-2 per weight, so
+    ``Lambda - 1`` is that small and the heuristic barely changes the update; no measurement backs
+    it, which is why the default stays the constant 1.0.
 
     Example:
         >>> p = torch.zeros(3)
@@ -110,22 +142,81 @@ class CO2OuterOptimizer(torch.optim.Optimizer):
         return loss
 
 
+class CO2OuterFactory:
+    """CO2's outer optimizer factory ``params -> CO2OuterOptimizer``: ``momentum=None`` takes the
+    authors' ``beta`` for the world size of ``strategy`` (:func:`co2_outer_momentum`) when the
+    optimizer is built, at set-up (the same on every rank); the first build for a world size logs
+    it (rank 0). Without a strategy (e.g. the check at construction) the world size is 1.
+
+    Example:
+        >>> make = CO2OuterFactory(lr=1.0, momentum=None, gap_penalty=1.0, clip=1.0)
+        >>> make([torch.zeros(2)]).defaults["momentum"]
+        0.0
+        >>> make
+        CO2OuterFactory(lr=1.0, momentum=by world size (<=16: 0.0, <=32: 0.2, <=64: 0.5, else 0.6), gap_penalty=1.0, clip=1.0)
+    """
+
+    def __init__(
+        self, lr: float, momentum: float | None, gap_penalty: float | str, clip: float | None
+    ) -> None:
+        self.lr, self.momentum, self.gap_penalty, self.clip = lr, momentum, gap_penalty, clip
+        #: the strategy whose world size sets ``beta`` when ``momentum`` is None
+        self.strategy: Any = None
+        self._logged: int | None = None
+
+    def momentum_for(self, world_size: int) -> float:
+        """``beta`` for ``world_size`` processes."""
+        return self.momentum if self.momentum is not None else co2_outer_momentum(world_size)
+
+    def __call__(self, params: Any) -> CO2OuterOptimizer:
+        world = max(1, int(self.strategy.world_size)) if self.strategy is not None else 1
+        beta = self.momentum_for(world)
+        if (
+            self.momentum is None
+            and self.strategy is not None
+            and self._logged != world
+            and self.strategy.global_rank == 0
+        ):
+            self._logged = world
+            log.info(
+                "lightning_fedopt: CO2 outer momentum %.2g for %d processes (the authors' rule, "
+                "fairseq-CO2); pass outer_momentum=... to choose",
+                beta,
+                world,
+            )
+        return CO2OuterOptimizer(params, self.lr, beta, self.gap_penalty, self.clip)
+
+    @override
+    def __repr__(self) -> str:
+        # process-independent (the start-up handshake compares it): the rule, not the strategy
+        if self.momentum is None:
+            rule = ", ".join(f"<={bound}: {beta}" for bound, beta in CO2_MOMENTUM_BY_WORLD_SIZE)
+            momentum = f"by world size ({rule}, else {CO2_MOMENTUM_ABOVE})"
+        else:
+            momentum = repr(self.momentum)
+        return (
+            f"CO2OuterFactory(lr={self.lr!r}, momentum={momentum}, gap_penalty={self.gap_penalty!r}, "
+            f"clip={self.clip!r})"
+        )
+
+
 class CO2Strategy(DiLoCoStrategy):
     """CO2: asynchronous, one-round-stale outer momentum step overlapping the next round's local steps.
 
     Args:
         sync_every: ``H`` (the paper's ``tau``), local steps per round (>= 1), or a
             :class:`~lightning_fedopt.schedules.SyncSchedule`.
-        outer_lr: ``alpha`` (> 0).
-        outer_momentum: ``beta`` in [0, 1).
+        outer_lr: ``alpha`` (> 0); default 1.0, fairscale-CO2's ``outer_lr``.
+        outer_momentum: ``beta`` in [0, 1), or None (default): by world size at set-up, the
+            authors' rule (:func:`co2_outer_momentum`: 0 up to 16 processes, 0.2 up to 32, 0.5 up
+            to 64, 0.6 above), logged once.
         gap_penalty: the staleness-gap penalty ``Lambda`` dividing the stale pseudo-gradient: a
-            constant (> 0), or ``"adaptive"`` for the paper's penalty computed each round from how
-            far the outer weights moved meanwhile (:class:`CO2OuterOptimizer`; the paper's ablation
-            on GPT-2 reports perplexity 7.39 with it, 7.56 without). The default stays the constant
-            1.0 of the authors' released code (i.e. no penalty), which the published benchmarks of
-            this package were measured with; whether "adaptive" helps at this package's scales is
-            for a benchmark to show, not assumed.
-        clip: element-wise bound ``c`` (> 0) of the outer momentum, or None for no clipping.
+            constant (> 0), or ``"adaptive"``: this package's own heuristic, computed each round
+            from how far the outer weights moved meanwhile (:class:`CO2OuterOptimizer`; in weight
+            units, so it barely acts at ordinary scales, and unmeasured). The default is the
+            constant 1.0 of the authors' released code (``co2_gap_penalty``), i.e. no penalty.
+        clip: element-wise bound ``c`` (> 0) of the outer momentum, or None for no clipping;
+            default 1.0, the authors' ``co2_clip_threshold`` (their 4-GPU example turns it on).
         offload_global, **kwargs: as for :class:`~lightning_fedopt.strategies.diloco.DiLoCoStrategy`
             and :class:`~lightning_fedopt.strategies.replica.ReplicaStrategy` (``group_size``,
             ``bn_recalibration``, which defaults to 8 as for DiLoCo, ...).
@@ -158,7 +249,7 @@ class CO2Strategy(DiLoCoStrategy):
         sync_every: int | SyncSchedule = 48,
         *,
         outer_lr: float = 1.0,
-        outer_momentum: float = 0.5,
+        outer_momentum: float | None = None,
         gap_penalty: float | str = 1.0,
         clip: float | None = 1.0,
         **kwargs: Any,
@@ -179,25 +270,27 @@ class CO2Strategy(DiLoCoStrategy):
                 "the round's transfer would block instead of overlapping the next round's local steps (the "
                 "point of CO2); use DiLoCoStrategy(compressor=...) for compressed pseudo-gradients"
             )
-        # validates the outer arguments now, with their names
-        CO2OuterOptimizer([torch.zeros(1)], outer_lr, outer_momentum, gap_penalty, clip)
-        super().__init__(
-            sync_every,
-            outer_optimizer=CO2OuterOptimizer,
-            outer_kwargs={
-                "lr": outer_lr,
-                "momentum": outer_momentum,
-                "gap_penalty": gap_penalty,
-                "clip": clip,
-            },
-            **kwargs,
+        outer_momentum = check_float(
+            "outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True, allow_none=True
         )
+        # validates the outer arguments now, with their names
+        CO2OuterOptimizer([torch.zeros(1)], outer_lr, outer_momentum or 0.0, gap_penalty, clip)
+        factory = CO2OuterFactory(outer_lr, outer_momentum, gap_penalty, clip)
+        super().__init__(sync_every, outer_optimizer=factory, **kwargs)
+        factory.strategy = self  # beta by this strategy's world size, at set-up
         self.outer_lr, self.outer_momentum, self.gap_penalty, self.clip = (
             outer_lr,
             outer_momentum,
             gap_penalty,
             clip,
         )
+
+    @property
+    def effective_outer_momentum(self) -> float:
+        """The ``beta`` in use: ``outer_momentum``, or the authors' rule for this world size."""
+        if self.outer_momentum is not None:
+            return self.outer_momentum
+        return co2_outer_momentum(max(1, self.world_size))
 
     @override
     def sync(self) -> dict[str, float]:

@@ -11,9 +11,15 @@ Two layouts assign tensors to fragments:
 
 * ``"contiguous"`` (:func:`split_fragments`): consecutive tensors, in module order, in groups of
   roughly equal size; a layer's weight and bias may land in different fragments.
-* ``"strided"`` (:func:`strided_fragments`): whole layers (:func:`layer_keys`) dealt round-robin,
-  layer ``j`` to fragment ``j mod F``, as in the streaming DiLoCo paper (Douillard et al. 2025,
-  arXiv 2501.18512), whose fragments interleave the transformer's blocks.
+* ``"strided"`` (:func:`strided_fragments`): the model's repeated blocks (:func:`repeated_blocks`:
+  the children of its largest numbered container, e.g. a transformer's ``h.0``, ``h.1``, ...) dealt
+  round-robin, block ``j`` to fragment ``j mod F``, as in the streaming DiLoCo paper (Douillard et
+  al. 2025, arXiv 2501.18512, section 2.2: "the simple partition of our network into P fragments
+  made of several transformer blocks ... 2) strided where each fragment is composed of interleaved
+  transformer blocks"). The rest travels with the nearest block: what comes before the first block
+  (the embeddings) with fragment 0, what comes after the last (the final norm, the head) with
+  fragment ``F - 1``, anything between two blocks with the block before it. A model without a
+  numbered container deals its modules (:func:`layer_keys`) round-robin instead.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "fragment_events",
     "layer_keys",
     "pseudo_gradients",
+    "repeated_blocks",
     "resolve_layout",
     "split_fragments",
     "strided_fragments",
@@ -100,42 +107,102 @@ def layer_keys(names: list[str]) -> list[str]:
     return keys
 
 
-def strided_fragments(names: list[str], fragments: int) -> list[list[int]]:
-    """Deal whole layers (:func:`layer_keys`, in order of first appearance) to ``fragments``
-    groups round-robin: layer ``j`` goes to fragment ``j mod fragments``. Returns each fragment's
-    tensor indices, ascending.
+def repeated_blocks(names: list[str]) -> list[int | None]:
+    """The repeated block each tensor (by its qualified name) belongs to, numbered in order of
+    first appearance, or ``None`` for a tensor outside every block. The blocks are the numbered
+    children (:func:`layer_keys`) of the model's numbered container with the most of them (the
+    first such container on a tie), e.g. ``transformer.h`` of a GPT: its ``h.0``, ``h.1``, ...
+    The embeddings, the final norm, a numbered head of fewer entries are outside.
 
     Example:
+        >>> repeated_blocks(["wte.weight", "h.0.attn.weight", "h.0.mlp.bias", "h.1.ln.weight", "ln_f.bias"])
+        [None, 0, 0, 1, None]
+        >>> repeated_blocks(["fc1.weight", "fc2.weight"])
+        [None, None]
+    """
+    keys = [_NUMBERED.match(name) for name in names]
+    children: dict[str, list[str]] = {}  # container -> its numbered children, in order
+    for match in keys:
+        if match is None:
+            continue
+        container = match.group(1).rsplit(".", 1)[0]
+        known = children.setdefault(container, [])
+        if match.group(1) not in known:
+            known.append(match.group(1))
+    if not children:
+        return [None] * len(names)
+    best = max(children, key=lambda c: len(children[c]))  # max keeps the first on a tie
+    number = {block: j for j, block in enumerate(children[best])}
+    return [None if match is None else number.get(match.group(1)) for match in keys]
+
+
+def _strided_units(names: list[str]) -> tuple[list[int | None], int]:
+    """Per tensor, the unit dealt round-robin (a repeated block, or without blocks the module
+    that owns it), and the number of units."""
+    blocks = repeated_blocks(names)
+    if any(b is not None for b in blocks):
+        return blocks, 1 + max(b for b in blocks if b is not None)
+    units: dict[str, int] = {}
+    for key in layer_keys(names):
+        units.setdefault(key, len(units))
+    return [units[key] for key in layer_keys(names)], len(units)
+
+
+def strided_fragments(names: list[str], fragments: int) -> list[list[int]]:
+    """The paper's strided layout: the repeated blocks (:func:`repeated_blocks`) dealt to
+    ``fragments`` groups round-robin (block ``j`` to fragment ``j mod fragments``); a tensor before
+    the first block joins fragment 0, after the last block fragment ``fragments - 1``, between two
+    blocks the fragment of the block before it. A model without repeated blocks deals its modules
+    (:func:`layer_keys`, in order of first appearance) round-robin. Returns each fragment's tensor
+    indices, ascending.
+
+    Example:
+        >>> gpt = ["wte.weight", "h.0.w", "h.1.w", "h.2.w", "h.3.w", "ln_f.weight", "head.weight"]
+        >>> strided_fragments(gpt, 2)   # embeddings with h.0 (fragment 0), norm and head with h.3 (1)
+        [[0, 1, 3], [2, 4, 5, 6]]
         >>> strided_fragments(["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight"], 2)
         [[0, 1, 4], [2, 3]]
     """
-    layers: dict[str, int] = {}
-    for key in layer_keys(names):
-        layers.setdefault(key, len(layers))
-    if not 1 <= fragments <= len(layers):
+    units, count = _strided_units(names)
+    what = "repeated blocks" if any(b is not None for b in repeated_blocks(names)) else "layers"
+    if not 1 <= fragments <= count:
         raise ValueError(
-            f"`fragments` must be in [1, {len(layers)}] (the number of layers) with "
-            f"fragment_layout='strided', got {fragments}"
+            f"`fragments` must be in [1, {count}] (the number of {what}) with fragment_layout='strided', "
+            f"got {fragments}"
         )
+    inside = [i for i, u in enumerate(units) if u is not None]
+    first, last = (inside[0], inside[-1]) if inside else (0, len(names) - 1)
     groups: list[list[int]] = [[] for _ in range(fragments)]
-    for i, key in enumerate(layer_keys(names)):
-        groups[layers[key] % fragments].append(i)
+    current = 0  # the fragment of the last block seen
+    for i, unit in enumerate(units):
+        if unit is not None:
+            current = unit % fragments
+            groups[current].append(i)
+        elif i < first:
+            groups[0].append(i)
+        elif i > last:
+            groups[fragments - 1].append(i)
+        else:
+            groups[current].append(i)
     return groups
 
 
 def resolve_layout(names: list[str], fragments: int, layout: str) -> str:
-    """``"auto"`` is ``"strided"`` when the model has at least ``fragments`` layers
-    (:func:`layer_keys`), else ``"contiguous"``; the other layouts are returned as they are.
+    """``"auto"`` is ``"strided"`` when the model has at least ``fragments`` repeated blocks
+    (:func:`repeated_blocks`; without any: modules, :func:`layer_keys`), else ``"contiguous"``;
+    the other layouts are returned as they are.
 
     Example:
         >>> resolve_layout(["a.weight", "a.bias", "b.weight"], 2, "auto")
         'strided'
         >>> resolve_layout(["a.weight", "a.bias", "b.weight"], 3, "auto")
         'contiguous'
+        >>> resolve_layout(["emb.weight", "h.0.w", "h.1.w", "ln_f.weight"], 3, "auto")   # 2 blocks
+        'contiguous'
     """
     if layout != "auto":
         return layout
-    return "strided" if fragments <= len(set(layer_keys(names))) else "contiguous"
+    return "strided" if fragments <= _strided_units(names)[1] else "contiguous"
 
 
 def assign_fragments(names: list[str], numels: list[int], fragments: int, layout: str) -> list[list[int]]:

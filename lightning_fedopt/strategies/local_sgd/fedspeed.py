@@ -12,6 +12,22 @@ batch:
 
 At the end of the round ``g_hat_i <- g_hat_i - (x_K - x^t) / lambda`` and the replica contributes
 ``x_K - lambda g_hat_i`` to the average, which becomes ``x^{t+1}`` for everyone.
+
+Defaults against the authors' code (woodenchild95/FL-Simulator, ``client/fedspeed.py``,
+``optimizer/ESAM.py``, ``train.py``):
+
+* ``rho=0.1``: ``--rho`` "select the SAM perturbation rate", default 0.1 (adopted);
+* ``perturb_alpha=1.0``: their ``ESAM.step(alpha=1.)`` zeroes the first gradient before the
+  perturbed backward pass, so the step uses the perturbed gradient alone, ``alpha = 1`` (adopted);
+* ``prox_lambda=10.0``: their ``--lamb`` (default 0.1) is the prox coefficient ``1 / lambda``
+  (it is added as weight decay, ``lamb * x``, and as ``lamb * (h_i - x^t)`` through the correction),
+  so ``lambda = 1 / 0.1 = 10``;
+* gradient clipping at norm 10 (``max_norm = 10`` in their ``Client``, for every method, applied to
+  the whole local gradient after the correction is added): not built into this strategy; pass
+  ``Trainer(gradient_clip_val=10.0)``, which Lightning applies after this strategy's closure has
+  formed the corrected gradient, i.e. to the same quantity;
+* their local learning rate (0.1, decayed by 0.998 per round) and weight decay (1e-3) belong to the
+  inner optimizer, which is the module's own here.
 """
 
 from __future__ import annotations
@@ -36,14 +52,19 @@ class FedSpeedStrategy(LocalSGDStrategy):
 
     Args:
         sync_every: ``H`` (>= 1), local steps per round, or a schedule.
-        rho: perturbation radius ``rho`` (>= 0; 0 skips the second gradient).
-        perturb_alpha: ``alpha`` in [0, 1], weight of the perturbed gradient.
-        prox_lambda: ``lambda`` (> 0) of the prox term ``||x - x^t||^2 / (2 lambda)``.
+        rho: perturbation radius ``rho`` (>= 0; 0 skips the second gradient); default 0.1, the
+            authors' code's.
+        perturb_alpha: ``alpha`` in [0, 1], weight of the perturbed gradient; default 1.0 (the
+            perturbed gradient alone), as the authors' code steps.
+        prox_lambda: ``lambda`` (> 0) of the prox term ``||x - x^t||^2 / (2 lambda)``; default 10.0,
+            the authors' ``--lamb 0.1`` (their coefficient is ``1 / lambda``).
         **kwargs: :class:`~lightning_fedopt.strategies.local_sgd.LocalSGDStrategy` arguments
             (``weighting``, ``evaluate``, ...; full participation only).
 
     Each local step runs ``training_step`` twice (at ``x`` and at the perturbed point) when
-    ``rho > 0 and alpha > 0``; the second run's loss is the one Lightning reports.
+    ``rho > 0 and alpha > 0``; the second run's loss is the one Lightning reports. The authors'
+    code also clips the local gradient at norm 10: ``Trainer(gradient_clip_val=10.0)`` does the
+    same here (module doc).
 
     Example:
         >>> import lightning as L
@@ -55,12 +76,18 @@ class FedSpeedStrategy(LocalSGDStrategy):
     strategy_name = "fedspeed"
     supports_round_seconds = False
 
+    supports_fault_tolerance = False
+
+    @override
+    def fault_tolerance_unsupported(self) -> str | None:
+        return "its round sends x - lambda * correction and keeps per-replica corrections, not a torchft round yet"
+
     def __init__(
         self,
         sync_every: int | SyncSchedule = 8,
         *,
-        rho: float = 0.01,
-        perturb_alpha: float = 0.9,
+        rho: float = 0.1,
+        perturb_alpha: float = 1.0,
         prox_lambda: float = 10.0,
         **kwargs: Any,
     ) -> None:
