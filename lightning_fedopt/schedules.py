@@ -251,7 +251,9 @@ class AutoSync(SyncSchedule):
         if self.high < self.low:
             raise ValueError(f"`high` ({self.high}) must be >= `low` ({self.low})")
         self.probe = check_int("probe", probe, low=1, high=10**6)
-        self.remeasure_every = check_int("remeasure_every", remeasure_every, low=1, high=10**6, allow_none=True)
+        self.remeasure_every = check_int(
+            "remeasure_every", remeasure_every, low=1, high=10**6, allow_none=True
+        )
         #: ``(first step, H)``: H applies to the steps after ``first step``
         self.decisions: list[tuple[int, int]] = [(0, self.probe)]
         self._measurements = 0
