@@ -220,7 +220,10 @@ def reference_co2(
     that replica's weights become NaN after that step; the means are over the finite replicas, and
     the restart from phi resets it. With ``gap_penalty="adaptive"`` (the paper's staleness-gap
     penalty) each tensor's divisor is Lambda = 1 + ||phi_now - phi_then|| / ||1||, phi_then the
-    global weights d was computed against and ||1|| = sqrt(numel) (the norm of an all-ones tensor)."""
+    global weights d was computed against and ||1|| = sqrt(numel) (the norm of an all-ones tensor).
+    The round launched at the second sync (or the partial round after a single sync) started from
+    the same phi as the first: its d is shifted by the first outer step, i.e. taken against the
+    phi it is applied to."""
     nets, opts = make_replicas(n, optimizer, lr)
     who = members if members is not None else list(range(n))
     params = [list(m.parameters()) for m in nets]
@@ -254,7 +257,18 @@ def reference_co2(
                 for p, g in zip(params[r], phi):
                     p.copy_(g)
 
-    since = 0
+    def outer_shifting(stale, later):
+        """outer(stale); ``later`` started from the weights ``stale`` did when nothing had been
+        applied before it (the fit's second or partial round after one sync): shift its pseudo-gradient
+        by the step just taken, i.e. take it against the weights it is applied to."""
+        before = [g.clone() for g in phi]
+        outer(stale)
+        if later is None or syncs != 1:
+            return later
+        d, phi_then = later
+        return [x + (g - b) for x, g, b in zip(d, phi, before)], phi_then
+
+    since = syncs = 0
     for step in range(steps):
         for r in range(n):
             local_step(nets[r], opts[r], who[r], step)
@@ -267,14 +281,15 @@ def reference_co2(
             continue
         sent = mean_delta()
         if pending is not None:
-            outer(pending)
+            sent = outer_shifting(pending, sent)
         pending = sent
         restart()
         since = 0
+        syncs += 1
     if final_sync:
         partial = mean_delta() if since else None  # against the weights the partial round started from
         if pending is not None:
-            outer(pending)
+            partial = outer_shifting(pending, partial)
         if partial is not None:
             outer(partial)
         restart()

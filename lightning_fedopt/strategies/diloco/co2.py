@@ -10,6 +10,12 @@ starts the next round from the new outer weights. The outer update is
 * ``m <- clamp(m, -c, c)``  element-wise (outer-momentum clipping; the clamped value is kept),
 * ``phi_{t+1} <- phi_t - alpha m``.
 
+The first synchronisation of a fit has no earlier round to apply, so the second round starts from
+the same outer weights as the first and measures the first round's progress again. It is applied
+against the outer weights it lands on (shifted by the first round's outer step), not as a second
+copy of that step: on a module already near a minimum (a trained module fit again) the copy
+threw the outer weights out of the basin the replicas had found.
+
 The staleness-gap penalty ``Lambda_t`` is a constant divisor of the stale pseudo-gradient, as in
 the authors' released code (``co2_gap_penalty``, 1.0 by default), or ``gap_penalty="adaptive"``,
 this package's own heuristic (not the paper's formula, which could not be checked here; see
@@ -30,6 +36,7 @@ from typing_extensions import override
 from lightning_fedopt._validate import check_float, check_int
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy
+from lightning_fedopt.strategies.diloco.fragments import InFlight
 from lightning_fedopt.strategies.diloco.outer import MAX_OUTER_LR
 
 __all__ = ["CO2OuterFactory", "CO2OuterOptimizer", "CO2Strategy", "co2_outer_momentum"]
@@ -300,10 +307,26 @@ class CO2Strategy(DiLoCoStrategy):
         if previous is None:  # first round: nothing to apply yet; restart from the outer weights
             self._restart_from_global()
             return {"stale_applied": 0.0}
+        return {**self._apply_stale(previous, self.in_flight), "stale_applied": 1.0}
+
+    def _apply_stale(self, f: InFlight, later: InFlight | None) -> dict[str, float]:
+        """Apply the stale round ``f``. ``later``, the round launched since, started from the same
+        outer weights as ``f`` when the first synchronisation of the fit applied nothing (the fit's
+        second round, or its partial round after one synchronisation): it measured the progress of
+        ``f`` again, from the same point, and applied as it is it would repeat ``f``'s outer step. It
+        is shifted by that step, i.e. applied against the outer weights it lands on."""
         # whether a replica was finite *then* is already in the reduced counts; a reset now
         # depends only on the replica's weights now
-        previous.local_finite = True
-        return {**self.apply_round(previous), "stale_applied": 1.0}
+        f.local_finite = True
+        same_start = later is not None and self.sync_count == 1
+        before = [phi.clone() for phi in self.outer_weights] if same_start else None
+        info = self.apply_round(f)
+        if later is not None and before is not None:
+            later.shift = [
+                phi - b if param else None
+                for phi, b, param in zip(self.outer_weights, before, self._is_param)
+            ]
+        return info
 
     def _restart_from_global(self) -> None:
         """Every replica restarts from the outer weights (a non-finite one also forgets its optimizer state)."""
@@ -325,8 +348,7 @@ class CO2Strategy(DiLoCoStrategy):
         # the partial round's pseudo-gradient, against the outer weights it started from
         partial = self.launch_round(None, self.replica_step) if self.steps_since_sync > 0 else None
         if pending is not None:
-            pending.local_finite = True
-            self.apply_round(pending)
+            self._apply_stale(pending, partial)
         if partial is not None:
             self.apply_round(partial)
         self.at_global = True

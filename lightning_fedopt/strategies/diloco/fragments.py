@@ -319,6 +319,7 @@ class InFlight:
         pending: the all-reduce (:func:`~lightning_fedopt.runtime.reduce.masked_sum`).
         local_finite: whether this replica's tensors were finite at launch.
         result: what the all-reduce delivered, once waited for (None before).
+        shift: how far the outer weights moved since launch, added on completion (None: nothing).
     """
 
     fragment: int | None
@@ -327,11 +328,23 @@ class InFlight:
     pending: PendingSum
     local_finite: bool
     result: MaskedSum | None = None
+    #: per carried tensor, how far the outer weights moved after these pseudo-gradients were
+    #: computed (None for a buffer); added to the mean pseudo-gradient when the all-reduce completes,
+    #: so the round is applied against the outer weights it lands on (CO2's second round of a fit)
+    shift: list[Tensor | None] | None = None
 
     def wait(self) -> MaskedSum:
-        """Complete the all-reduce (idempotent)."""
+        """Complete the all-reduce (idempotent), adding :attr:`shift` to the mean pseudo-gradients."""
         if self.result is None:
-            self.result = self.pending.wait()
+            result = self.pending.wait()
+            if self.shift is not None and result.valid > 0 and result.weight > 0:
+                # the outer step takes (sum / valid) * (weight / valid): move that by `shift`
+                alpha = result.valid * result.valid / result.weight
+                for s, d in zip(result.sums, self.shift):
+                    if d is not None:
+                        s.add_(d.to(s.device, s.dtype), alpha=alpha)
+            self.shift = None
+            self.result = result
         return self.result
 
     def state_dict(self) -> dict[str, Any]:
