@@ -11,6 +11,15 @@ agents restart theirs, and training resumes. ``--lose-node`` adds a third run in
 * ``local_sgd`` (H=8), ``diloco`` (H=32), ``noloco`` (H=32), ``gossip`` (ring, every 4 steps):
   ``elastic=True, sync_timeout=10``: a checkpoint at every synchronisation, resumed on restart.
 
+``--ft`` adds ``diloco_ft`` to the same run: ``--groups`` replica groups under
+``DiLoCoStrategy(fault_tolerance="torchft")`` (:mod:`benchmarks._ft_worker`), started and restarted
+by ``python -m lightning_fedopt.fault_tolerance.launch``; runs ``free``, ``faults`` (SIGKILL of one
+group at the same steps) and, per K of ``--chaos``, ``chaos<K>`` (one group SIGKILLed every K
+seconds, round-robin). The survivors keep training; :func:`summarize_ft` reports throughput kept,
+the loss against the failure-free run, the survivors' stall per failure, seconds from a restart to
+the group training again and the bytes sent to heal, beside the torchrun rows (``<name>_ft*.csv``,
+``<name>_ft.png``). ``--step-sleep`` lengthens every step of every row (a run long enough for chaos).
+
 Kill steps are drawn once per seed (one per ``--kill-every`` steps, uniformly inside each window)
 and are the same for every strategy. Outputs in ``--out`` (default ``benchmarks/results/``):
 
@@ -34,9 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,11 +57,14 @@ from typing import Any
 from benchmarks._agents import Agents, Rendezvous
 from benchmarks.harness import DEFAULT_OUT, REPO_ROOT, write_csv
 
-__all__ = ["kill_steps", "main", "run_job", "summarize"]
+__all__ = ["kill_steps", "main", "run_ft_job", "run_job", "summarize", "summarize_ft"]
 
 STRATEGIES = ("ddp", "local_sgd", "diloco", "noloco", "gossip")
 WORKER = REPO_ROOT / "benchmarks" / "_elastic_worker.py"
+FT_WORKER = REPO_ROOT / "benchmarks" / "_ft_worker.py"
 RUNS = ("free", "faults", "lose_node")
+#: the name of the fault-tolerant rows (``DiLoCoStrategy(fault_tolerance="torchft")``)
+FT = "diloco_ft"
 
 
 def kill_steps(steps: int, every: int, seed: int) -> list[int]:
@@ -65,7 +80,7 @@ def kill_steps(steps: int, every: int, seed: int) -> list[int]:
 
 
 def _read_jsonl(folder: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for f in sorted(folder.glob("*.jsonl")):
         rows.extend(json.loads(line) for line in f.read_text().splitlines() if line.strip())
     return sorted(rows, key=lambda r: r["time"])
@@ -86,6 +101,7 @@ def run_job(
         "--strategy", strategy, "--dir", str(directory), "--steps", str(args.steps),
         "--val-every", str(args.val_every), "--sync-timeout", str(args.sync_timeout),
         "--seed", str(args.seed), "--ckpt-every", str(args.ckpt_every),
+        "--step-sleep", str(args.step_sleep),
     ]  # fmt: skip
     injected: list[dict[str, Any]] = []
     lost: list[int] = []
@@ -351,6 +367,558 @@ def plot(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str) ->
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- fault-tolerant rows
+def _read_jsonl_file(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by SIGKILL
+            continue
+    return out
+
+
+def _ft_progress(directory: Path, groups: int) -> dict[int, dict[str, Any]]:
+    out = {}
+    for g in range(groups):
+        try:
+            out[g] = json.loads((directory / "progress" / f"group{g}.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _ft_current_pids(events: Path) -> dict[int, int]:
+    """``group -> pid`` of each group's latest start (the launcher's events file)."""
+    pids: dict[int, int] = {}
+    for e in _read_jsonl_file(events):
+        if e.get("event") == "start":
+            pids[int(e["group"])] = int(e["pid"])
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (the launcher has not reaped it yet) is dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run_ft_job(
+    run: str, args: argparse.Namespace, directory: Path, kills: list[int], chaos: float | None = None
+) -> dict[str, Any]:
+    """One fault-tolerant job: ``args.groups`` replica groups under
+    ``python -m lightning_fedopt.fault_tolerance.launch`` (lighthouse in the launcher, restarts by it).
+
+    ``run``: ``"free"``; ``"faults"``: SIGKILL one group when the leading group reaches each step of
+    ``kills`` (victims ``(k + 1) % groups`` in turn, the torchrun rows' order); ``"chaos<K>"``: SIGKILL
+    one group every ``chaos`` seconds, round-robin, from the moment every group has trained until the
+    run is done. A victim is always a group that is training (its current life has had a committed
+    synchronisation): a group still restarting is skipped for the next one."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    groups = args.groups
+    launch_events = directory / "launch.jsonl"
+    command = [
+        sys.executable, "-m", "lightning_fedopt.fault_tolerance.launch",
+        "--groups", str(groups), "--min-replicas", "1", "--max-restarts", str(args.ft_max_restarts),
+        "--lighthouse-port", "0", "--heartbeat-timeout-ms", str(args.ft_heartbeat_ms),
+        "--quorum-tick-ms", str(args.ft_quorum_tick_ms), "--join-timeout-ms", str(args.ft_join_timeout_ms),
+        "--events", str(launch_events), "--",
+        sys.executable, str(FT_WORKER), "--dir", str(directory), "--groups", str(groups),
+        "--steps", str(args.steps), "--val-every", str(args.val_every), "--sync-every", str(args.ft_sync_every),
+        "--sync-timeout", str(args.sync_timeout), "--seed", str(args.seed), "--step-sleep", str(args.step_sleep),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    injected: list[dict[str, Any]] = []
+    t0 = time.time()
+    with open(directory / "launch.log", "wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            _ft_control(run, args, directory, kills, chaos, proc, injected)
+            rc = proc.wait(timeout=max(1.0, t0 + args.job_timeout - time.time()))
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)  # the launcher forwards it to every group
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            for pid in _ft_current_pids(launch_events).values():
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            raise
+    t_exit = time.time()
+    if rc != 0:
+        tail = (directory / "launch.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{FT}/{run}: the launcher exited {rc}; its log ends:\n{tail}")
+    launch = _read_jsonl_file(launch_events)
+    events = {g: _read_jsonl_file(directory / "events" / f"group{g}.jsonl") for g in range(groups)}
+    results = [json.loads(f.read_text()) for f in sorted((directory / "results").glob("*.json"))]
+    if not results:
+        raise RuntimeError(f"{FT}/{run}: no group finished")
+    ends = [e["time"] for evs in events.values() for e in evs if e["event"] == "end"]
+    t1 = min(e["time"] for evs in events.values() for e in evs if e["event"] == "fit_start")
+    rows = sorted(
+        (r for g in range(groups) for r in _read_jsonl_file(directory / "rows" / f"group{g}.jsonl")),
+        key=lambda r: r["time"],
+    )
+    (directory / "job.json").write_text(
+        json.dumps({"run": run, "chaos": chaos, "t0": t0, "exit_s": t_exit - t0, "injected": injected})
+    )
+    return {
+        "strategy": FT,
+        "run": run,
+        "chaos": chaos,
+        "t0": t0,
+        "t_train0": t1,  # the first group's train start
+        "groups": groups,
+        # the job's steps are done when the last surviving group has finished its fit
+        "wall_s": max(ends) - t0,
+        "exit_s": t_exit - t0,  # + the launcher's exit (a late restart's start-up, the lighthouse)
+        "injected": injected,
+        "launch": launch,
+        "events": events,
+        "results": results,
+        "rows": [
+            {
+                "strategy": FT,
+                "run": run,
+                "seconds": r["time"] - t0,
+                "train_seconds": r["time"] - t1,
+                "step": r["step"],
+                "group": r["group"],
+                "life": r["life"],
+                "val_loss": r["val_loss"],
+            }
+            for r in rows
+        ],
+    }
+
+
+def _ft_control(
+    run: str,
+    args: argparse.Namespace,
+    directory: Path,
+    kills: list[int],
+    chaos: float | None,
+    proc: subprocess.Popen[bytes],
+    injected: list[dict[str, Any]],
+) -> None:
+    """Inject the failures of ``run`` while the launcher runs (see :func:`run_ft_job`)."""
+    groups = args.groups
+    launch_events = directory / "launch.jsonl"
+    deadline = time.time() + args.job_timeout
+    schedule = list(kills) if run == "faults" else []
+    next_chaos: float | None = None
+    turn = 0  # chaos: the next victim in round-robin order
+    while proc.poll() is None:
+        if time.time() > deadline:
+            raise TimeoutError(f"{FT}/{run}: not finished within --job-timeout {args.job_timeout} s")
+        time.sleep(0.05)
+        if (directory / "done").exists():
+            continue  # the run is over: no more failures
+        pids = _ft_current_pids(launch_events)
+        progress = _ft_progress(directory, groups)
+        # training now: the group's current process has reported a committed synchronisation
+        training = {
+            g: p
+            for g, p in progress.items()
+            if pids.get(g) == p.get("pid") and p.get("trained") and _alive(p["pid"])
+        }
+        if not training:
+            continue
+        lead = max(p["step"] for p in progress.values())
+        victim: int | None = None
+        if schedule and lead >= schedule[0]:
+            k = len(injected)
+            order = [(k + 1 + i) % groups for i in range(groups)]
+            victim = next((g for g in order if g in training), None)
+            if victim is not None:
+                schedule.pop(0)
+        elif chaos is not None:
+            if next_chaos is None:
+                if len(training) == groups:  # the clock starts once every group trains
+                    next_chaos = time.time() + chaos
+                continue
+            if time.time() >= next_chaos:
+                order = [(turn + i) % groups for i in range(groups)]
+                victim = next((g for g in order if g in training), None)
+                if victim is not None:
+                    turn = victim + 1
+                    next_chaos += chaos
+        if victim is None:
+            continue
+        pid = training[victim]["pid"]
+        tk = time.time()
+        os.kill(pid, signal.SIGKILL)
+        injected.append(
+            {
+                "index": len(injected),
+                "victim": victim,
+                "pid": pid,
+                "time": tk,
+                "kill_step": training[victim]["step"],
+                "lead_step": lead,
+                "alive_training": sorted(training),
+            }
+        )
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _max(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return max(xs) if xs else None
+
+
+def _ft_lives(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per process life: group, life, start (launcher), exec/imports/fit start, its syncs."""
+    starts = {(e["group"], e["restart"]): e for e in job["launch"] if e.get("event") == "start"}
+    lives: dict[tuple[int, int], dict[str, Any]] = {}
+    for g, evs in job["events"].items():
+        for e in evs:
+            key = (g, int(e["life"]))
+            life = lives.setdefault(key, {"group": g, "life": key[1], "syncs": [], "start": None})
+            life["pid"] = e["pid"]
+            if e["event"] == "sync":
+                life["syncs"].append(e)
+            elif e["event"] in ("exec", "fit_start", "end", "late"):
+                life[e["event"]] = e
+    for key, life in lives.items():
+        s = starts.get(key)
+        life["start"] = s["time"] if s else None
+        # the first committed synchronisation: the join round (at fit start) or a later one
+        fit = life.get("fit_start")
+        first = None
+        if fit is not None and fit["join"].get("committed"):
+            first = fit["time"]
+        else:
+            first = next((e["time"] for e in life["syncs"] if e.get("committed")), None)
+        life["trained_at"] = first
+        heal = [(fit or {}).get("heal_sent", 0), *(e.get("heal_sent", 0) for e in life["syncs"])]
+        recv = [(fit or {}).get("heal_recv", 0), *(e.get("heal_recv", 0) for e in life["syncs"])]
+        life["heal_sent"], life["heal_recv"] = max(heal), max(recv)
+    return sorted(lives.values(), key=lambda x: (x["group"], x["life"]))
+
+
+def _ft_failures(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per failure: the survivors' stall at their first sync after the death and at the victim's
+    rejoin (their sync step's seconds minus their median sync step), and the victim's restart cost."""
+    t0 = job["t0"]
+    lives = _ft_lives(job)
+    # each group's median sync step (the syncs it contributed to, every life): the stall's reference
+    median_sync: dict[int, float] = {}
+    for g in {life["group"] for life in lives}:
+        secs = [e["step_seconds"] for life in lives if life["group"] == g for e in life["syncs"]]
+        if secs:
+            median_sync[g] = statistics.median(secs)
+    out = []
+    for n, kill in enumerate(job["injected"]):
+        tk, victim = kill["time"], kill["victim"]
+        next_kill = job["injected"][n + 1]["time"] if n + 1 < len(job["injected"]) else math.inf
+        death: list[float] = []
+        not_committed = 0
+        for g in kill["alive_training"]:
+            if g == victim:
+                continue
+            first = next(
+                (e for life in lives if life["group"] == g for e in life["syncs"] if e["time"] > tk), None
+            )
+            if first is not None and first["time"] < next_kill and g in median_sync:
+                death.append(first["step_seconds"] - median_sync[g])
+                not_committed += int(not first.get("committed"))
+        # the victim's next life (restarted by the launcher)
+        after = next((life for life in lives if life["group"] == victim and (life["start"] or 0) > tk), None)
+        restart_s = train_s = imports_s = join_s = None
+        rejoin: list[float] = []
+        heal_recv = None
+        late = False
+        if after is not None:
+            restart_s = after["start"] - tk
+            late = "late" in after
+            if after.get("exec") is not None:
+                imports_s = after["exec"]["imported"] - after["exec"]["exec_time"]
+            if not late and after.get("fit_start") is not None and after["trained_at"] is not None:
+                train_s = after["trained_at"] - after["start"]
+                join_s = after["fit_start"]["join"].get("quorum_seconds")
+                heal_recv = after["heal_recv"]
+                q = after["fit_start"]["join"].get("quorum_id")
+                for g in median_sync:
+                    if g == victim:
+                        continue
+                    first = next(
+                        (
+                            e
+                            for life in lives
+                            if life["group"] == g
+                            for e in life["syncs"]
+                            if e.get("quorum_id") == q and e["time"] > after["start"]
+                        ),
+                        None,
+                    )
+                    if first is not None:
+                        rejoin.append(first["step_seconds"] - median_sync[g])
+        out.append(
+            {
+                "strategy": FT,
+                "run": job["run"],
+                "kill": n,
+                "victim_group": victim,
+                "kill_step": kill["kill_step"],
+                "time_s": tk - t0,
+                "train_time_s": tk - job["t_train0"],
+                "survivors": len(death),
+                # the survivors' first sync after the death: extra seconds vs their median sync step
+                "stall_death_s": _max(death),
+                "death_round_not_committed": not_committed,
+                # the survivors' sync in the quorum where the restarted group joined (and healed)
+                "stall_rejoin_s": _max(rejoin),
+                "restart_s": restart_s,  # kill -> the launcher started the new process
+                "imports_s": imports_s,  # the new process importing torch, Lightning, the library
+                "join_quorum_s": join_s,  # its joining quorum, heal included
+                "restart_to_train_s": train_s,  # process start -> its first committed sync
+                "heal_bytes_received": heal_recv,
+                "late": late,  # restarted after the run had finished
+            }
+        )
+    return out
+
+
+def summarize_ft(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fault-tolerant run (and the torchrun rows recast in the same columns)."""
+    out: list[dict[str, Any]] = []
+    found = jobs.get((FT, "free"))
+    free: dict[str, Any] = found if found is not None and "error" not in found else {}
+    free_ok = bool(free)
+    for (strategy, run), job in jobs.items():
+        if strategy != FT:
+            continue
+        row: dict[str, Any] = {"row": f"{FT} {run}", "strategy": strategy, "run": run}
+        if "error" in job:
+            row["error"] = job["error"]
+            out.append(row)
+            continue
+        fails = job["failures"] = _ft_failures(job)
+        res = sorted(job["results"], key=lambda r: r["group"])
+        lives = _ft_lives(job)
+        sync_secs = [e["step_seconds"] for life in lives for e in life["syncs"]]
+        all_syncs = [e for life in lives for e in life["syncs"]]
+        row.update(
+            {
+                "kills": len(job["injected"]),
+                "wall_s": job["wall_s"],
+                "exit_s": job["exit_s"],
+                "train_wall_s": _train_wall(job),
+                "throughput_kept": (_train_wall(free) / _train_wall(job)) if free_ok else None,
+                "throughput_kept_launch": (free["wall_s"] / job["wall_s"]) if free_ok else None,
+                "final_val_loss": res[0]["final_val_loss"],
+                "loss_vs_free": (res[0]["final_val_loss"] / _final_ft(free)) if free_ok else None,
+                "groups_finished": len(res),
+                "weights_agree": len({r["sha256"] for r in res}) == 1,
+                "steps": res[0]["steps"],
+                "median_sync_step_s": _median(sync_secs),
+                "stall_death_median_s": _median([f["stall_death_s"] for f in fails]),
+                "stall_death_max_s": _max([f["stall_death_s"] for f in fails]),
+                "stall_rejoin_median_s": _median([f["stall_rejoin_s"] for f in fails]),
+                "stall_rejoin_max_s": _max([f["stall_rejoin_s"] for f in fails]),
+                "restart_to_train_median_s": _median([f["restart_to_train_s"] for f in fails]),
+                "restart_to_train_max_s": _max([f["restart_to_train_s"] for f in fails]),
+                "imports_median_s": _median([f["imports_s"] for f in fails]),
+                "rounds_not_committed": sum(1 for e in all_syncs if not e.get("committed")),
+                # the share of the groups' rounds that counted in a committed average (a victim's lost
+                # round, its time away and its joining round count nothing; so does a late start)
+                "work_kept": _work_kept(all_syncs, job["groups"]),
+                "heals": sum(
+                    1 for life in lives if life.get("fit_start") and life["fit_start"]["join"].get("healed")
+                )
+                + sum(1 for e in all_syncs if e.get("healed")),
+                # CommStats purpose "heal", bytes_sent, summed over every life of every group
+                "heal_bytes_sent": sum(life["heal_sent"] for life in lives),
+                # what the healed groups received (heal_recv), summed over every life
+                "heal_bytes_received": sum(life["heal_recv"] for life in lives),
+                "heal_bytes_per_restart": _median(
+                    [f["heal_bytes_received"] for f in fails if f["heal_bytes_received"]]
+                ),
+                "late_restarts": sum(1 for f in fails if f["late"]),
+                "lives": len(lives),
+            }
+        )
+        out.append(row)
+    return out
+
+
+def _work_kept(syncs: list[dict[str, Any]], groups: int) -> float | None:
+    """Contributors per committed round (torchft's step), summed, over ``groups`` x rounds."""
+    rounds: dict[float, float] = {}
+    for e in syncs:
+        if e.get("committed"):
+            rounds[e["round"]] = max(rounds.get(e["round"], 0.0), float(e["contributors"]))
+    return sum(rounds.values()) / (groups * len(rounds)) if rounds else None
+
+
+def _train_wall(job: dict[str, Any]) -> float:
+    """Seconds from the job's first training (the first ``on_train_start`` of any worker or group)
+    to the last finished fit: the launch's imports, common to every run and the noisiest part of
+    it on a shared machine, left out; every restart after the first start counted."""
+    if job["strategy"] == FT:
+        starts = [e["time"] for evs in job["events"].values() for e in evs if e["event"] == "fit_start"]
+        ends = [e["time"] for evs in job["events"].values() for e in evs if e["event"] == "end"]
+    else:
+        starts = [e["time"] for e in job["events"] if e["event"] == "start"]
+        ends = [r["time"] for r in job["results"]]
+    return max(ends) - min(starts)
+
+
+def _final_ft(job: dict[str, Any]) -> float:
+    return min(job["results"], key=lambda r: r["group"])["final_val_loss"]
+
+
+def _torchrun_rows(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The torchrun rows' scheduled-kill runs in the fault-tolerant table's columns: every worker
+    restarts, so a survivor's stall is the time until it trains again (``resume_s``)."""
+    out = []
+    for (strategy, run), job in jobs.items():
+        if strategy == FT or run != "faults" or "error" in job:
+            continue
+        free = jobs.get((strategy, "free"))
+        if free is None or "error" in free:
+            continue
+        kills = job["kills"]
+        fin, fin_free = _final(job), _final(free)
+        out.append(
+            {
+                "row": f"{strategy} torchrun-restart" if strategy != "ddp" else "ddp+ModelCheckpoint",
+                "strategy": strategy,
+                "run": run,
+                "kills": len(kills),
+                "wall_s": job["wall_s"],
+                "train_wall_s": _train_wall(job),
+                "throughput_kept": _train_wall(free) / _train_wall(job),
+                "throughput_kept_launch": free["wall_s"] / job["wall_s"],
+                "final_val_loss": fin["final_val_loss"],
+                "loss_vs_free": fin["final_val_loss"] / fin_free["final_val_loss"],
+                "weights_agree": fin["weights_agree"],
+                "stall_death_median_s": _median([k["resume_s"] for k in kills]),
+                "stall_death_max_s": _max([k["resume_s"] for k in kills]),
+                "restart_to_train_median_s": _median([k["resume_s"] - k["new_worker_s"] for k in kills]),
+                "restart_to_train_max_s": _max([k["resume_s"] - k["new_worker_s"] for k in kills]),
+                "steps_redone": sum(k["steps_lost"] or 0 for k in kills),
+                "heal_bytes_sent": fin["recovery_bytes"],
+            }
+        )
+    return out
+
+
+def print_ft_table(rows: list[dict[str, Any]]) -> None:
+    """The fault-tolerant rows beside the torchrun rows, in one table."""
+    head = (
+        f"{'row':<30} {'kills':>5} {'wall s':>7} {'train s':>7} {'kept':>6} {'val loss':>8} {'vs free':>7} "
+        f"{'stall med':>9} {'max':>6} {'rejoin med':>10} {'max':>6} {'restart->train med':>18} {'max':>6} "
+        f"{'not comm.':>9} {'work':>5} {'heal MB':>8} {'recv MB':>8} {'same w':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['row']:<30} FAILED: {r['error'][:300]}")
+            continue
+        heal, recv = r.get("heal_bytes_sent"), r.get("heal_bytes_received")
+        lines.append(
+            f"{r['row']:<30} {r['kills']:>5} {r['wall_s']:>7.1f} {r['train_wall_s']:>7.1f} "
+            f"{_fmt(r.get('throughput_kept'), '.3f'):>6} "
+            f"{r['final_val_loss']:>8.4f} {_fmt(r.get('loss_vs_free'), '.3f'):>7} "
+            f"{_fmt(r.get('stall_death_median_s'), '.2f'):>9} {_fmt(r.get('stall_death_max_s'), '.2f'):>6} "
+            f"{_fmt(r.get('stall_rejoin_median_s'), '.2f'):>10} {_fmt(r.get('stall_rejoin_max_s'), '.2f'):>6} "
+            f"{_fmt(r.get('restart_to_train_median_s'), '.1f'):>18} {_fmt(r.get('restart_to_train_max_s'), '.1f'):>6} "
+            f"{_fmt(r.get('rounds_not_committed'), 'd'):>9} {_fmt(r.get('work_kept'), '.2f'):>5} {_fmt(heal / 1e6 if heal else None, '.3f'):>8} {_fmt(recv / 1e6 if recv else None, '.3f'):>8} "
+            f"{'yes' if r.get('weights_agree') else 'NO':>6}"
+        )
+    lines.append(
+        "wall s: launch -> the steps are done (ft: the last group's fit ends; torchrun: every agent exited); train s: "
+        "the first worker's train start -> the last fit's end; kept: failure-free train s / this run's (same steps); "
+        "vs free: final validation loss / the same strategy's failure-free run; stall: the survivors' extra "
+        "seconds at their first sync after a death vs their median sync step (torchrun rows: kill -> the "
+        "restarted job's first step, every worker restarts); rejoin: the survivors' extra seconds at the sync "
+        "where the restarted group joins and heals; restart->train: the new process starts -> its first "
+        "committed sync (torchrun rows: new workers -> first step); not comm.: rounds not committed (any group); work: the share of the groups' rounds that counted in a "
+        "committed average (the failure-free run's start-up included); "
+        "heal MB: CommStats purpose 'heal', bytes sent, all lives and groups (torchrun rows: checkpoint bytes, if "
+        "counted); recv MB: what the healed groups received (the start-up's heals included)"
+    )
+    print("\n".join(lines))
+
+
+def plot_ft(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str) -> None:
+    """Validation loss vs seconds since launch, one panel per faulty fault-tolerant run (the
+    failure-free run in each as the reference); kills as vertical lines, the restarted group
+    training again as ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    free = jobs.get((FT, "free"))
+    faulty = [j for (s, r), j in jobs.items() if s == FT and r != "free" and "error" not in j]
+    panels = faulty or ([free] if free is not None and "error" not in free else [])
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.3), squeeze=False)
+    for ax, job in zip(axes.flat, panels):
+        for j, color, label in ((free, "C0", "no failure"), (job, "C3", job["run"])):
+            if j is None or "error" in j or (j is free and job is free and color == "C3"):
+                continue
+            rs = j["rows"]
+            ax.plot(
+                [r["train_seconds"] for r in rs],
+                [r["val_loss"] for r in rs],
+                color=color,
+                marker="o",
+                markersize=2.5,
+                linewidth=1,
+                label=f"{label} (all groups' validations)",
+            )
+        if job is not free:
+            for n, f in enumerate(job.get("failures", [])):
+                ax.axvline(
+                    f["train_time_s"],
+                    color="C3",
+                    alpha=0.35,
+                    linewidth=1,
+                    label=None if n else "SIGKILL a group",
+                )
+                if f["restart_to_train_s"] is not None and f["restart_s"] is not None:
+                    back = f["train_time_s"] + f["restart_s"] + f["restart_to_train_s"]
+                    ax.axvline(
+                        back,
+                        color="C2",
+                        alpha=0.35,
+                        linewidth=1,
+                        linestyle=":",
+                        label=None if n else "it trains again",
+                    )
+        ax.set_title(f"{FT}: {job['run']} ({len(job.get('injected', []))} kills)")
+        ax.set_xlabel("seconds since the first group started training")
+        ax.set_ylabel("validation loss")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.splitlines()[0])
@@ -372,15 +940,109 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--name", default="faults")
+    p.add_argument(
+        "--step-sleep",
+        type=float,
+        default=0.0,
+        help="seconds added to every step of every row (a heavier step: a run long enough for chaos)",
+    )
+    ft = p.add_argument_group("fault-tolerant rows (DiLoCoStrategy(fault_tolerance='torchft'))")
+    ft.add_argument(
+        "--ft",
+        action="store_true",
+        help=f"add the {FT} rows: failure-free and the kill schedule (and --chaos)",
+    )
+    ft.add_argument(
+        "--chaos",
+        default="",
+        help="comma-separated K: a run per K in which one group is SIGKILLed every K seconds (implies --ft)",
+    )
+    ft.add_argument(
+        "--ft-only", action="store_true", help="skip the torchrun rows (same as --strategies none)"
+    )
+    ft.add_argument("--groups", type=int, default=None, help="replica groups (default: --nodes)")
+    ft.add_argument("--ft-sync-every", type=int, default=32, help="DiLoCo's H (the torchrun diloco row's)")
+    ft.add_argument("--ft-heartbeat-ms", type=int, default=1000, help="lighthouse heartbeat timeout")
+    ft.add_argument("--ft-quorum-tick-ms", type=int, default=50)
+    ft.add_argument(
+        "--ft-join-timeout-ms",
+        type=int,
+        default=30000,
+        help="the lighthouse's wait for heartbeating stragglers (launcher default 1000: see benchmarks/README.md)",
+    )
+    ft.add_argument("--ft-max-restarts", type=int, default=1000, help="launcher restarts per group")
     args = p.parse_args(argv)
     args.steps = args.steps or (200 if args.quick else 600)
     args.val_every = args.val_every or (20 if args.quick else 25)
     args.kill_every = args.kill_every or (args.steps // 2 if args.quick else 150)
+    try:
+        args.chaos = [float(k) for k in args.chaos.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--chaos takes seconds, comma-separated, got {args.chaos!r}")
+    if any(k <= 0 for k in args.chaos):
+        p.error("--chaos: every K must be > 0")
+    args.ft = args.ft or bool(args.chaos) or args.ft_only
+    args.groups = args.groups or args.nodes
+    if args.groups < 2:
+        p.error("--groups must be >= 2 (a failure needs a survivor)")
+    if args.ft_only or args.strategies.strip().lower() == "none":
+        args.strategies = ""
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {STRATEGIES}")
     return args
+
+
+def _run_ft(
+    args: argparse.Namespace, kills: list[int], logs: Path, jobs: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """The fault-tolerant rows: failure-free, the kill schedule, then one chaos run per K."""
+    runs: list[tuple[str, float | None]] = [("free", None), ("faults", None)]
+    runs += [(f"chaos{k:g}", k) for k in args.chaos]
+    for run, chaos in runs:
+        t = time.time()
+        try:
+            job = run_ft_job(run, args, logs / f"{FT}_{run}", kills, chaos)
+        except Exception as exc:  # one broken run should not lose the others
+            job = {"strategy": FT, "run": run, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {FT}/{run}: FAILED {job['error'][:2000]}", flush=True)
+        jobs[(FT, run)] = job
+        if "error" not in job:
+            fails = _ft_failures(job)
+            print(
+                f"  {FT:<10} {run:<9} {time.time() - t:6.1f} s (steps done at {job['wall_s']:.1f} s), final val "
+                f"loss {_final_ft(job):.4f}, {len(job['injected'])} kills"
+                + "".join(
+                    f"; g{f['victim_group']}@{f['time_s']:.0f}s stall {_fmt(f['stall_death_s'], '.2f')} "
+                    f"back {_fmt(f['restart_to_train_s'], '.1f')}"
+                    for f in fails[:12]
+                ),
+                flush=True,
+            )
+
+
+def _write_ft(
+    args: argparse.Namespace,
+    jobs: dict[tuple[str, str], dict[str, Any]],
+    summary: list[dict[str, Any]],
+    kills: list[int],
+) -> None:
+    """``<name>_ft.csv`` (validations), ``_ft_failures.csv``, ``_ft_summary.csv``, ``_ft.png``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    ok = [j for j in jobs.values() if "error" not in j]
+    base = args.out / f"{args.name}_ft"
+    write_csv(Path(f"{base}.csv"), [r for j in ok for r in j["rows"]])
+    write_csv(Path(f"{base}_failures.csv"), [f for j in ok for f in j.get("failures", [])])
+    write_csv(Path(f"{base}_summary.csv"), summary)
+    chaos = ", ".join(f"every {k:g} s" for k in args.chaos) or "none"
+    plot_ft(
+        jobs,
+        Path(f"{base}.png"),
+        f"{FT}: {args.groups} replica groups (one CPU process each, lighthouse + launcher restarts), "
+        f"{args.steps} steps, +{args.step_sleep:g} s/step; kills at steps {kills}; chaos: {chaos}",
+    )
+    print(f"wrote {base}.csv, _failures.csv, _summary.csv, .png", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,7 +1054,14 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(
         f"{len(args.strategies)} strategies x {runs}, {args.nodes} nodes (min {args.min_nodes}), "
-        f"{args.steps} steps, failures at steps {kills}",
+        f"{args.steps} steps, failures at steps {kills}"
+        + (f", step sleep {args.step_sleep} s" if args.step_sleep else "")
+        + (
+            f"; {FT}: {args.groups} replica groups x free, faults"
+            + "".join(f", chaos every {k:g} s" for k in args.chaos)
+            if args.ft
+            else ""
+        ),
         flush=True,
     )
     jobs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -417,10 +1086,23 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                     flush=True,
                 )
-    summary = summarize(jobs)
-    print()
-    print_table(summary)
+    if args.ft:
+        _run_ft(args, kills, logs, jobs)
+    tr_jobs = {k: j for k, j in jobs.items() if k[0] != FT}
+    ft_jobs = {k: j for k, j in jobs.items() if k[0] == FT}
+    if tr_jobs:
+        summary = summarize(tr_jobs)
+        print()
+        print_table(summary)
+    if ft_jobs:
+        ft_summary = summarize_ft(ft_jobs) + _torchrun_rows(tr_jobs)
+        print()
+        print_ft_table(ft_summary)
+        _write_ft(args, ft_jobs, ft_summary, kills)
     print(f"\n{time.time() - t_all:.0f} s in all")
+    if not tr_jobs:
+        return
+    jobs = tr_jobs
     args.out.mkdir(parents=True, exist_ok=True)
     ok = [j for j in jobs.values() if "error" not in j]
     write_csv(args.out / f"{args.name}.csv", [r for j in ok for r in j["rows"]])

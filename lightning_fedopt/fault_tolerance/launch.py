@@ -195,6 +195,15 @@ class _Launcher:
                     continue
                 if self.stop_signal is not None:
                     continue
+                if any(other.done for other in self.groups):
+                    # the run is over for the others: a restart now would train a new run alone
+                    g.done = True
+                    _log(
+                        f"group {g.index} (pid {g.proc.pid}) died ({_describe(rc)}) after {lived:.1f} s, "
+                        "after another group finished the run: not restarted"
+                    )
+                    self.event(event="not_restarted", group=g.index)
+                    continue
                 if g.restarts >= self.args.max_restarts:
                     _log(
                         f"group {g.index} (pid {g.proc.pid}) died ({_describe(rc)}) after {lived:.1f} s; "
@@ -226,7 +235,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1", help="address of the lighthouse and the groups' servers")
     p.add_argument("--lighthouse-port", type=int, default=29510, help="0: any free port")
     p.add_argument("--min-replicas", type=int, default=1, help="fewest groups in a quorum")
-    p.add_argument("--join-timeout-ms", type=int, default=1000, help="wait for stragglers at a quorum")
+    p.add_argument(
+        "--join-timeout-ms",
+        type=int,
+        default=60000,
+        help="how long a quorum waits for live groups that have not arrived yet: keep it above the time "
+        "between synchronisations (a dead group stops heartbeating and is not waited for; a short one "
+        "leaves a group a few ms late out of every round, which then heals and loses its steps)",
+    )
     p.add_argument("--heartbeat-timeout-ms", type=int, default=1000, help="a silent group is dead after this")
     p.add_argument("--quorum-tick-ms", type=int, default=100)
     p.add_argument("--max-restarts", type=int, default=3, help="restarts per group")

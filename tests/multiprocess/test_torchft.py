@@ -145,9 +145,11 @@ def test_launcher_sets_the_environment_and_restarts_a_dying_group_a_bounded_numb
     tmp_path: Path,
 ) -> None:
     script = (
-        'import os,sys; g=os.environ["REPLICA_GROUP_ID"]; r=os.environ["LIGHTNING_FEDOPT_FT_RESTARTS"]; '
+        # group 0 finishes after group 1 used its restarts (a group that dies after another finished
+        # the run is not restarted)
+        'import os,sys,time; g=os.environ["REPLICA_GROUP_ID"]; r=os.environ["LIGHTNING_FEDOPT_FT_RESTARTS"]; '
         'open(os.path.join(sys.argv[1], f"g{g}r{r}"), "w").write(os.environ["TORCHFT_LIGHTHOUSE"] + " " + '
-        'os.environ["LIGHTNING_FEDOPT_FT_HOST"]); sys.exit(3 if g == "1" else 0)'
+        'os.environ["LIGHTNING_FEDOPT_FT_HOST"]); time.sleep(0 if g == "1" else 20); sys.exit(3 if g == "1" else 0)'
     )
     rc, output, events = _launch(
         tmp_path,
@@ -163,6 +165,26 @@ def test_launcher_sets_the_environment_and_restarts_a_dying_group_a_bounded_numb
     assert (tmp_path / "g1r2").read_text() == f"{address} 127.0.0.1"
     assert output.count("died (exit code 3)") == 3
     assert "restart 2/2 as pid" in output and "no restart left" in output
+
+
+@pytest.mark.multiprocess
+def test_launcher_does_not_restart_a_group_after_the_run_finished(tmp_path: Path) -> None:
+    """A group that dies after another group finished the run is not restarted: alone, it would
+    form a quorum of one and train a whole new run."""
+    script = (
+        'import os,sys,time; g=os.environ["REPLICA_GROUP_ID"]; time.sleep(0 if g == "0" else 2); '
+        'sys.exit(0 if g == "0" else 3)'
+    )
+    rc, output, events = _launch(
+        tmp_path,
+        ["--groups", "2", "--lighthouse-port", "0", "--max-restarts", "2"],
+        [sys.executable, "-c", script],
+        {},
+        timeout=30,
+    )
+    assert rc == 0, output
+    assert "not restarted" in output and "restart 1/2" not in output
+    assert [e["group"] for e in events if e["event"] == "start"] == [0, 1]
 
 
 @pytest.mark.multiprocess

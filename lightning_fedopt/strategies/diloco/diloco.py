@@ -472,7 +472,7 @@ class DiLoCoStrategy(ReplicaStrategy):
         """Apply the fragment in flight, then one outer step of every fragment (the last, partial round)."""
         if self.fault_tolerance:
             if not (self.steps_since_sync == 0 and self._at_global):
-                self.sync_fault_tolerant()
+                self.run.last_sync = {**self.sync_fault_tolerant(), "step": self.replica_step}
             return
         if self._inflight is not None:
             self.apply_round()

@@ -287,7 +287,7 @@ class LocalSGDStrategy(ReplicaStrategy):
     def final_sync(self) -> None:
         if self.fault_tolerance is not None:
             if self.steps_since_sync > 0:  # the last, partial round, as a torchft round
-                self.sync_fault_tolerant()
+                self.run.last_sync = {**self.sync_fault_tolerant(), "step": self.replica_step}
             return
         if self.round_seconds is not None:
             if self.steps_since_sync > 0:  # the last, partial round under the same normalised rule
