@@ -324,7 +324,7 @@ class CO2Strategy(DiLoCoStrategy):
         if later is not None and before is not None:
             later.shift = [
                 phi - b if param else None
-                for phi, b, param in zip(self.outer_weights, before, self._is_param)
+                for phi, b, param in zip(self.outer_weights, before, self.param_mask)
             ]
         return info
 

@@ -318,6 +318,11 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._at_global = value
 
     @property
+    def param_mask(self) -> list[bool]:
+        """Per tracked tensor: a parameter (its pseudo-gradient travels) or a buffer (its value)."""
+        return list(self._is_param)
+
+    @property
     def outer_weights(self) -> list[Tensor]:
         """The global (outer) weights, one per tracked tensor (on ``offload_global``'s device)."""
         return self._outer_weights
