@@ -2,8 +2,9 @@
 
 :class:`ReplicaRun` is one dataclass, owned by :class:`~lightning_fedopt.strategies.ReplicaStrategy`
 as ``strategy.run`` and replaced by a fresh one when a new ``fit`` starts (not when a ``fit``
-resumes: the checkpoint's counters are loaded into it). Its :class:`Counters` are what a replica's
-checkpoint shard saves (``state_dict``/``load_state_dict``); the rest lives for the ``fit``.
+resumes: the checkpoint's counters are loaded into it). Its :class:`Counters` and NaN events are
+what a replica's checkpoint shard keeps of it (through the strategy's state registry); the rest
+lives for the ``fit``.
 """
 
 from __future__ import annotations
@@ -110,13 +111,3 @@ class ReplicaRun:
             log.warning(
                 "lightning_fedopt: %d replica(s) with non-finite weights excluded at step %d", excluded, step
             )
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """What a replica's shard keeps of the run: the counters and the NaN events."""
-        return {"counters": self.counts.as_dict(), "nonfinite_events": list(self.nonfinite_events)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a replica's own shard)."""
-        self.counts = Counters.from_shard(state["counters"])
-        self.nonfinite_events = list(state.get("nonfinite_events", []))
