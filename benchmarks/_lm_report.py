@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.harness import SINGLE_PAR, WARMUP_STEPS_SKIPPED
 
-__all__ = ["BYTE_GOALS", "plot", "print_goals", "print_report", "summarize"]
+__all__ = ["BYTE_GOALS", "plot", "print_goals", "print_long_goals", "print_report", "summarize"]
 
 #: the issue's goals: (row, max % above DDP's final val bpb, min x fewer bytes in all, words)
 BYTE_GOALS = (
@@ -83,6 +83,10 @@ def summarize(runs: dict[tuple[int, int, str], dict[str, Any]], tokens_per_step:
             ddp_bpb = ddp["rows"][-1].get("val_bpb")
             if ddp_bpb and row["final_val_bpb"] is not None:
                 row["bpb_vs_ddp_pct"] = 100 * (row["final_val_bpb"] / ddp_bpb - 1)
+                alone = ref["rows"][-1].get("val_bpb") if ref else None
+                if alone is not None and alone != ddp_bpb:
+                    # the share of the gap between not talking at all and DDP that this row closes
+                    row["gap_recovered"] = (alone - row["final_val_bpb"]) / (alone - ddp_bpb)
         out.append(row)
     return out
 
@@ -113,7 +117,7 @@ def print_report(summary: list[dict[str, Any]]) -> None:
         print(f"\n=== {n} replicas ({mode}), seeds {seeds}: mean (min..max) over seeds ===")
         head = (
             f"{'row':<24} {'val bpb':>22} {'vs ddp %':>18} {'MB sent':>9} {'x fewer':>8} {'syncs':>5} "
-            f"{'wall s':>7} {'t->ddp s':>8} {'step ms':>8}"
+            f"{'wall s':>7} {'t->ddp s':>8} {'step ms':>8} {'gap rec.':>17}"
         )
         print(head + "\n" + "-" * len(head))
         for name in names:
@@ -128,7 +132,8 @@ def print_report(summary: list[dict[str, Any]]) -> None:
             print(
                 f"{name:<24} {_spread(g('final_val_bpb'), '.4f'):>22} {_spread(g('bpb_vs_ddp_pct'), '+.2f'):>18} {mb:>9.3f} "
                 f"{_spread(g('ddp_over_bytes')):>8.8} {int(statistics.fmean(g('syncs'))):>5} "
-                f"{statistics.fmean(g('wall_s')):>7.1f} {t_tgt:>8.8} {statistics.fmean(g('mean_step_ms')):>8.2f}"
+                f"{statistics.fmean(g('wall_s')):>7.1f} {t_tgt:>8.8} {statistics.fmean(g('mean_step_ms')):>8.2f} "
+                f"{_spread(g('gap_recovered'), '.2f'):>17}"
             )
         print_goals(summary, n)
 
@@ -177,6 +182,56 @@ def print_goals(summary: list[dict[str, Any]], n: int) -> None:
             f"  noloco vs diloco_h64 (H=64, equal tokens): val bpb {nl:.4f} vs {dl:.4f} ({100 * (nl / dl - 1):+.2f}%), "
             f"sync bytes {nb / 1e6:.3f} vs {db / 1e6:.3f} MB"
         )
+
+
+def print_long_goals(summary: list[dict[str, Any]], scaling_law: dict[int, float | None]) -> None:
+    """The long preset's goals (issue 22), mean over seeds, and the scaling law's numbers beside them."""
+
+    def mean(n: int, name: str, key: str) -> float | None:
+        vals = _group(summary, n, name, key)
+        return statistics.fmean(vals) if vals else None
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT met"
+
+    for n in sorted({s["world_size"] for s in summary}):
+        names = list(dict.fromkeys(s["strategy"] for s in summary if s["world_size"] == n))
+        print(f"\nlong-preset goals at {n} replicas (mean over seeds):")
+        law = scaling_law.get(n)
+        for h in (16, 32):
+            d, x, gap = (
+                mean(n, f"diloco_h{h}", k) for k in ("bpb_vs_ddp_pct", "ddp_over_bytes", "gap_recovered")
+            )
+            if d is None or x is None:
+                continue
+            syncs = mean(n, f"diloco_h{h}", "syncs")
+            ref = f"; scaling law (35M, H=30, loss): {law:+.1f}%" if law is not None else ""
+            gap_s = f", {gap:.0%} of the no-talk gap" if gap is not None else ""
+            line = (
+                f"  diloco_h{h} ({syncs:.0f} outer steps): {d:+.2f}% bpb at {x:.0f}x fewer bytes{gap_s}{ref}"
+            )
+            if n == 4 and h == 16 and gap is not None:
+                line += f" -> goal <= +3%, >= 30x, >= 75% recovered: {verdict(d <= 3 and x >= 30 and gap >= 0.75)}"
+            print(line)
+        limit = 3.0 if n >= 4 else 1.5
+        far = [
+            (mean(n, k, "bpb_vs_ddp_pct"), mean(n, k, "ddp_over_bytes"), k)
+            for k in names
+            if k not in ("ddp",) and (mean(n, k, "ddp_over_bytes") or 0) >= 200
+        ]
+        far = [f for f in far if f[0] is not None and f[1] is not None]
+        if far:
+            d, x, k = min(far)
+            print(
+                f"  best row at >= 200x fewer bytes: {k} {d:+.2f}% at {x:.0f}x -> goal <= +{limit}%: {verdict(d <= limit)}"
+            )
+        else:
+            print("  no row at >= 200x fewer bytes")
+        co2, dl = mean(n, "co2_h16", "bpb_vs_ddp_pct"), mean(n, "diloco_h16", "bpb_vs_ddp_pct")
+        if co2 is not None and dl is not None:
+            print(
+                f"  co2_h16 {co2:+.2f}% vs diloco_h16 {dl:+.2f}% -> goal co2 <= diloco + 2%: {verdict(co2 <= dl + 2)}"
+            )
 
 
 def plot(val_rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -87,6 +87,7 @@ ROWS: dict[str, Row] = {
     "local_sgd": ("LocalSGDStrategy(sync_every=16)", lf_row("LocalSGDStrategy", sync_every=16)),
     "diloco_h16": ("DiLoCoStrategy(sync_every=16), outer Nesterov SGD (swept lr/momentum)", _diloco(16)),
     "diloco_h64": ("DiLoCoStrategy(sync_every=64), outer Nesterov SGD (swept lr/momentum)", _diloco(64)),
+    "diloco_h32": ("DiLoCoStrategy(sync_every=32), outer Nesterov SGD (swept lr/momentum)", _diloco(32)),
     "diloco_h256": ("DiLoCoStrategy(sync_every=256), outer Nesterov SGD (swept lr/momentum)", _diloco(256)),
     "diloco_int8": ("DiLoCoStrategy(64, compressor='int8')", _diloco(64, compressor="int8")),
     "diloco_int4": (
@@ -98,6 +99,15 @@ ROWS: dict[str, Row] = {
         _diloco(64, fragments=4, sync_delay=8, mixing=0.5),
     ),
     "co2": rows.STRATEGIES["co2"],
+    "co2_h16": (
+        "CO2Strategy(sync_every=16): the library's defaults (beta by world size)",
+        lf_row("CO2Strategy", sync_every=16),
+    ),
+    "sparseloco_h16": (
+        "SparseLoCoStrategy(sync_every=16): top-128 of 4096, 2-bit values, error feedback, outer SGD lr 1",
+        lf_row("SparseLoCoStrategy", sync_every=16),
+    ),
+    "sparseloco_h32": ("SparseLoCoStrategy(sync_every=32)", lf_row("SparseLoCoStrategy", sync_every=32)),
     "noloco": rows.STRATEGIES["noloco"],
 }
 #: the outer sweep: DiLoCo H=64 at each setting of :data:`SWEEP_GRID`
@@ -108,12 +118,37 @@ SWEEP: dict[str, Row] = {
     )
     for lr, m in SWEEP_GRID
 }
+#: the long preset (``--long``): DiLoCo's H, each swept over :data:`LONG_LRS` (outer Nesterov SGD,
+#: momentum 0.9) per number of replicas on the first seed; the best lr is the row ``diloco_h<H>``
+LONG_H = (16, 32)
+#: the outer learning rates the long preset's sweep tries (the scaling law's 0.6 for M = 2-4, and more)
+LONG_LRS = (0.6, 0.9)
+#: the long preset's other rows, run at every number of replicas and seed (with ``ddp`` and the compute-only reference)
+LONG_ROWS = ("ddp", "sparseloco_h16", "co2_h16")
+
+
+def _long_name(h: int, lr: float) -> str:
+    return f"diloco_h{h}_lr{lr:g}"
+
+
+#: the long preset's sweep rows: DiLoCo at each H of :data:`LONG_H` and lr of :data:`LONG_LRS`
+LONG_SWEEP: dict[str, Row] = {
+    _long_name(h, lr): (
+        f"DiLoCoStrategy(sync_every={h}), outer Nesterov SGD lr {lr} momentum 0.9",
+        lf_row("DiLoCoStrategy", sync_every=h, outer_kwargs={"lr": lr, "momentum": 0.9, "nesterov": True}),
+    )
+    for h in LONG_H
+    for lr in LONG_LRS
+}
+#: "Scaling Laws for DiLoCo" (arXiv 2503.09799, Table 4): DiLoCo H=30 vs data parallel at equal tokens,
+#: final loss, 35M parameters (the smallest model there): replicas -> % above data parallel
+SCALING_LAW_35M_H30 = {1: None, 2: 0.7, 4: 2.0, 8: 3.9}
 QUICK = ("ddp", "local_sgd", "diloco_h16", "diloco_h64", "diloco_int4")
 #: the rows of the default plan at 4 ranks (``--strategies`` runs the rows it names at every size)
 FOUR_RANK_ROWS = ("ddp", "post_local_sgd", "diloco_h64", "diloco_int4", "co2", "noloco")
 SUITE = Suite(
     strategies=ROWS,
-    extra=SWEEP,
+    extra={**SWEEP, **LONG_SWEEP},
     worker_module="benchmarks.lm",
     quick=QUICK,
     prog="python -m benchmarks.lm",
@@ -142,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default=None, help="comma list (default 0,1; quick 0)")
     g.add_argument("--world-sizes", default=None, help="comma list of ranks per run (default 2,4; quick 2)")
     g.add_argument("--no-sweep", action="store_true", help="skip the outer sweep (use --outer-lr/momentum)")
+    g.add_argument(
+        "--long",
+        action="store_true",
+        help="the long preset: 2048 steps, 4 and 2 replicas, seeds 0,1; DiLoCo H=16/32 (lr swept per replicas), "
+        "SparseLoCo, CO2, DDP, compute only; --strategies adds rows",
+    )
     return p
 
 
@@ -285,10 +326,28 @@ def runner(args: argparse.Namespace) -> None:
         for seed in _ints(args.seeds):
             for k, r in _run(args, here, n, seed, logdir, reuse.get((n, seed))).items():
                 runs[(n, seed, k)] = r
+    _report(args, runs, name, outdir, t0, hidden=set(SWEEP))
+
+
+def _report(
+    args: argparse.Namespace,
+    runs: dict[tuple[int, int, str], dict[str, Any]],
+    name: str,
+    outdir: Path,
+    t0: float,
+    hidden: set[str],
+) -> None:
+    """Summaries, the printed report (rows of ``hidden`` left out of it), the CSVs and the PNG."""
     tokens_per_step = args.batch_size * args.seq_len
     summary = _lm_report.summarize(runs, tokens_per_step)
     for s in summary:
-        s["outer_lr"], s["outer_momentum"] = args.outer_lr, args.outer_momentum
+        if s["strategy"] in LONG_SWEEP or (args.long and s["strategy"].startswith("diloco_h")):
+            s["outer_lr"], s["outer_momentum"] = (
+                runs[(s["world_size"], s["seed"], s["strategy"])].get("outer_lr", args.outer_lr),
+                0.9,
+            )
+        else:
+            s["outer_lr"], s["outer_momentum"] = args.outer_lr, args.outer_momentum
     val_rows = [
         {
             "world_size": n,
@@ -310,32 +369,83 @@ def runner(args: argparse.Namespace) -> None:
         f"{name}: GPT d_model={args.d_model} layers={args.n_layers} seq_len={args.seq_len} ({n_params} parameters), "
         f"batch {args.batch_size}/replica, {args.steps} steps, stdlib text ({'IID' if args.iid else 'non-IID'})"
     )
-    print(
-        f"\n{title}; tokens per replica {args.steps * tokens_per_step}; DiLoCo outer lr {args.outer_lr:g} "
-        f"momentum {args.outer_momentum:g}"
+    outer = (
+        "DiLoCo outer lr: the sweep's best per replicas and H (momentum 0.9)"
+        if args.long
+        else f"DiLoCo outer lr {args.outer_lr:g} momentum {args.outer_momentum:g}"
     )
-    _lm_report.print_report([s for s in summary if s["strategy"] not in SWEEP])
+    print(f"\n{title}; tokens per replica {args.steps * tokens_per_step}; {outer}")
+    shown = [s for s in summary if s["strategy"] not in hidden]
+    _lm_report.print_report(shown)
+    if args.long:
+        _lm_report.print_long_goals(shown, SCALING_LAW_35M_H30)
     outdir.mkdir(parents=True, exist_ok=True)
     write_csv(outdir / f"{name}.csv", val_rows)
     write_csv(outdir / f"{name}_steps.csv", steps)
     write_csv(outdir / f"{name}_summary.csv", summary)
-    _lm_report.plot([r for r in val_rows if r["strategy"] not in SWEEP], outdir / f"{name}.png", title)
+    _lm_report.plot([r for r in val_rows if r["strategy"] not in hidden], outdir / f"{name}.png", title)
     print(
         f"\nwrote {outdir / name}.csv, {name}_steps.csv, {name}_summary.csv, {name}.png "
         f"(total {time.perf_counter() - t0:.0f}s)"
     )
 
 
+def long_runner(args: argparse.Namespace) -> None:
+    """The long preset: per number of replicas, the first seed runs every row of :data:`LONG_SWEEP`
+    beside :data:`LONG_ROWS` and the compute-only reference; the best lr of each H becomes the row
+    ``diloco_h<H>`` there, and the other seeds run that lr only."""
+    name = args.name or "lm_long" + ("_iid" if args.iid else "") + (
+        f"_netns_{args.rate}" if args.netns else ""
+    )
+    outdir = Path(args.out)
+    logdir = outdir / "logs" / name
+    logdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    extra = [n.strip() for n in (args.strategies or "").split(",") if n.strip()]
+    unknown = [n for n in extra if not SUITE.knows(n)]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; known: {[*ROWS, *SWEEP, SINGLE_PAR]}")
+    base = [*LONG_ROWS, *[n for n in extra if n not in LONG_ROWS], SINGLE_PAR]
+    runs: dict[tuple[int, int, str], dict[str, Any]] = {}
+    seeds = _ints(args.seeds)
+    for n in _ints(args.world_sizes):
+        best: dict[int, float] = {}
+        for seed in seeds:
+            diloco = list(LONG_SWEEP) if not best else [_long_name(h, best[h]) for h in LONG_H]
+            got = _run(args, [*base, *diloco], n, seed, logdir)
+            for k, r in got.items():
+                runs[(n, seed, k)] = r
+            if not best:
+                print(f"\nouter sweep at {n} replicas, seed {seed}: final val bpb")
+                for h in LONG_H:
+                    best[h] = min(LONG_LRS, key=lambda lr, h=h: _final_bpb(got[_long_name(h, lr)]))
+                    for lr in LONG_LRS:
+                        mark = "  <- best" if lr == best[h] else ""
+                        print(f"  H={h:<3} lr {lr:<4g} {_final_bpb(got[_long_name(h, lr)]):.4f}{mark}")
+            for h in LONG_H:
+                row = {**_relabel(got[_long_name(h, best[h])], f"diloco_h{h}"), "outer_lr": best[h]}
+                runs[(n, seed, f"diloco_h{h}")] = row
+    _report(args, runs, name, outdir, t0, hidden=set(LONG_SWEEP))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.lm``: see the module docstring and ``--help``."""
     args = build_parser().parse_args(argv)
     if args.steps is None:
-        args.steps = 512 if args.quick else 1024
+        args.steps = 512 if args.quick else 2048 if args.long else 1024
     if args.worker is not None:
         _work(args)
         return
     if (args.outer_lr is None) != (args.outer_momentum is None):
         sys.exit("--outer-lr and --outer-momentum go together")
+    if args.long:
+        args.seeds = args.seeds or "0,1"
+        args.world_sizes = args.world_sizes or "4,2"
+        args.val_every = args.val_every or 256
+        args.timeout = max(args.timeout, 3600)
+        args.outer_lr = args.outer_momentum = None
+        long_runner(args)
+        return
     args.seeds = args.seeds or ("0" if args.quick else "0,1")
     args.world_sizes = args.world_sizes or ("2" if args.quick else "2,4")
     args.val_every = args.val_every or (64 if args.quick else 128)
