@@ -187,17 +187,32 @@ class FaultHandler:
 
     # ------------------------------------------------------------------ in-process fault tolerance
     def open_torchft(
-        self, state_dict: Callable[[], Any], load_state_dict: Callable[[Any], object], **manager_kwargs: Any
+        self,
+        state_dict: Callable[[], Any],
+        load_state_dict: Callable[[Any], object],
+        *,
+        group_rank: int = 0,
+        group_world_size: int = 1,
+        **manager_kwargs: Any,
     ) -> Any:
         """Join the replica groups through torchft's lighthouse (``TORCHFT_LIGHTHOUSE``,
         ``REPLICA_GROUP_ID``): a managed communicator whose quorum heals this group from a live peer
-        with ``load_state_dict(state_dict())`` when it is behind."""
-        from lightning_fedopt.fault_tolerance._torchft import ManagedCommunicator
+        with ``load_state_dict(state_dict())`` when it is behind. ``group_rank``/``group_world_size``:
+        this process in its group (the Lightning world: its rank and size, whichever launcher
+        started it; a group of several processes shares the world's store, ``MASTER_ADDR/PORT``)."""
+        from lightning_fedopt.fault_tolerance._torchft import ManagedCommunicator, ReplicaGroupEnv
 
         self.close_torchft()
         self.torchft_totals = {}
+        env = ReplicaGroupEnv.from_env(
+            {**os.environ, "RANK": str(group_rank), "WORLD_SIZE": str(group_world_size)}
+        )
         self.managed = ManagedCommunicator.from_env(
-            state_dict=state_dict, load_state_dict=load_state_dict, stats=self.comms.stats, **manager_kwargs
+            state_dict=state_dict,
+            load_state_dict=load_state_dict,
+            stats=self.comms.stats,
+            env=env,
+            **manager_kwargs,
         )
         return self.managed
 

@@ -289,8 +289,9 @@ class ReplicaStrategy(CountedDDPStrategy):
                 )
             if group_size != 1:
                 raise ValueError(
-                    "`fault_tolerance='torchft'` takes `group_size=1`: each Lightning world is one replica group "
-                    "(its processes run DDP inside it) and torchft carries the traffic across groups"
+                    "`fault_tolerance='torchft'` takes `group_size=1`: the processes of one Lightning world "
+                    "(e.g. `torchrun --nproc-per-node 2` with `devices=2`) are one replica group by "
+                    "themselves (DDP inside it), and torchft carries the traffic across groups"
                 )
         self.fault_tolerance = fault_tolerance
         #: set by :class:`~lightning_fedopt.callbacks.CommunicationMonitor`: measure the consensus
@@ -647,6 +648,10 @@ class ReplicaStrategy(CountedDDPStrategy):
             self._new_run()  # a new fit (not a resume) starts the algorithm afresh
         if not self.checkpoints.weights_from_shard:
             self._start_identical()
+        if self.fault_tolerance == "torchft":
+            # the processes of this Lightning world are one replica group (DDP inside it); torchft
+            # carries the traffic across groups: one replica here, whatever the world's size
+            self.group_size = self.comms.group_size = self.world_size
         self.comms.build_groups()
         module = self.lightning_module
         assert module is not None
@@ -672,6 +677,8 @@ class ReplicaStrategy(CountedDDPStrategy):
         self.faults.open_torchft(
             self._heal_state,
             self._load_heal_state,
+            group_rank=self.global_rank,
+            group_world_size=self.world_size,
             timeout=timeout,
             quorum_timeout=timeout,
             connect_timeout=min(10.0, timeout),

@@ -38,15 +38,23 @@ FAST = [
 ]
 
 
-def _run(out: Path, max_restarts: int, extra_args: list[str] | None = None, **env: str) -> str:
-    """The launcher with 3 groups; on a hang, the whole session is killed."""
+def _run(
+    out: Path,
+    max_restarts: int,
+    extra_args: list[str] | None = None,
+    groups: int = 3,
+    group_command: list[str] | None = None,
+    **env: str,
+) -> str:
+    """The launcher with ``groups`` groups, each ``group_command`` (default: the worker in one
+    process); on a hang, the whole session is killed."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "lightning_fedopt.fault_tolerance.launch",
             "--groups",
-            "3",
+            str(groups),
             "--min-replicas",
             "1",
             "--max-restarts",
@@ -54,8 +62,7 @@ def _run(out: Path, max_restarts: int, extra_args: list[str] | None = None, **en
             *(extra_args or []),
             *FAST,
             "--",
-            sys.executable,
-            str(WORKER),
+            *(group_command or [sys.executable, str(WORKER)]),
         ],
         cwd=ROOT,
         env={
@@ -246,3 +253,44 @@ def test_a_stray_client_of_the_lighthouse_is_noticed_and_never_applied(tmp_path:
         assert max(float(v.abs().max()) for v in final.values()) < 100, g  # the stray sent 1e6
         assert _loss(final) < 0.9 * initial, g
         assert _events(tmp_path, g)[-1]["event"] == "end"
+
+
+@pytest.mark.multiprocess
+def test_a_group_of_two_processes_trains_as_one_replica_and_heals_as_a_whole(tmp_path: Path) -> None:
+    """Two replica groups, each a Lightning world of two processes under ``torchrun`` (DDP inside
+    the group: every rank trains on batches of its own, and the group's gradients are averaged at
+    every step), DiLoCo across the groups through torchft. Rank 1 of group 1 ``kill -9``s itself at
+    step 6: torchrun takes its group down, the launcher restarts it, and both of its new processes
+    heal from their peers in group 0 (rank r from rank r), which went on alone in the same
+    processes. Every process of both groups ends bit-identical at max_steps."""
+    steps = 80
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    text = _run(
+        tmp_path,
+        max_restarts=1,
+        groups=2,
+        group_command=[*torchrun, "--max-restarts", "0", str(WORKER)],
+        FTL_DEVICES="2",
+        FTL_STEPS=str(steps),
+        FTL_SLEEP="0.2",
+        FTL_KILL_GROUP="1",
+        FTL_KILL_RANK="1",
+        FTL_KILL_AT_STEP="6",
+    )
+    assert "restart 1/1" in text, text[-4000:]
+    events = {g: _events(tmp_path, g) for g in range(2)}
+    pids = {g: {(e["rank"], e["pid"]) for e in events[g]} for g in range(2)}
+    assert len(pids[0]) == 2  # group 0: the same two processes from start to end
+    assert len(pids[1]) == 4  # group 1: two lives of two processes
+    finals = [torch.load(tmp_path / name, weights_only=True) for name in ("final0.pt", "final0_r1.pt")]
+    finals += [torch.load(tmp_path / name, weights_only=True) for name in ("final1.pt", "final1_r1.pt")]
+    for other in finals[1:]:
+        assert all(torch.equal(finals[0][k], other[k]) for k in finals[0])
+    for g in range(2):
+        ends = [e for e in events[g] if e["event"] == "end"]
+        assert len(ends) == 2 and all(e["step"] == steps and e["global_step"] == steps for e in ends)
+    syncs = [e for e in events[0] if e["event"] == "sync"]
+    assert any(e["quorum_size"] == 1.0 and e["committed"] == 1.0 for e in syncs)  # went on alone
+    healed = [e for e in events[1] if e["event"] == "sync" and e["life"] == 1 and e["healed"] == 1.0]
+    assert {e["rank"] for e in healed} == {0, 1}  # both processes of the restarted group healed
+    assert _loss(finals[0]) < 0.9 * _loss({f"net.{k}": v for k, v in make_net().state_dict().items()})

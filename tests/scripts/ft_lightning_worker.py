@@ -7,6 +7,10 @@ per step), ``FTL_KILL_GROUP``/``FTL_KILL_AT_STEP`` (that group SIGKILLs itself a
 its first life only), ``FTL_PAUSE_GROUP``/``FTL_PAUSE_AT_STEP``/``FTL_PAUSE_SECONDS`` (that
 group is stopped with SIGSTOP at that step and continued that many seconds later), plus the launcher's ``REPLICA_GROUP_ID`` and ``TORCHFT_LIGHTHOUSE``.
 Each life appends JSON lines to ``<out>/group<g>.jsonl``; the final weights go to ``final<g>.pt``.
+
+``FTL_DEVICES=2`` (run under ``torchrun --nproc-per-node 2``): the group is a Lightning world of two
+processes (DDP inside it), each training on its own batches (by group and rank); ``FTL_KILL_RANK``
+picks the one that kills itself; rank ``r > 0`` writes ``final<g>_r<r>.pt``.
 """
 
 import json
@@ -30,20 +34,25 @@ import lightning_fedopt as lf
 OUT = Path(os.environ["FTL_OUT"])
 GROUP = int(os.environ["REPLICA_GROUP_ID"])
 LIFE = int(os.environ.get("LIGHTNING_FEDOPT_FT_RESTARTS", "0"))
+DEVICES = int(os.environ.get("FTL_DEVICES", "1"))
+RANK = int(os.environ.get("RANK", "0"))
 
 
 def note(event: str, **data: Any) -> None:
     with open(OUT / f"group{GROUP}.jsonl", "a") as f:
         f.write(
-            json.dumps({"event": event, "pid": os.getpid(), "life": LIFE, "time": time.time(), **data}) + "\n"
+            json.dumps(
+                {"event": event, "pid": os.getpid(), "rank": RANK, "life": LIFE, "time": time.time(), **data}
+            )
+            + "\n"
         )
 
 
 class GroupModule(KnownBatchModule):
-    """Each replica group trains on its own batches (by its group id)."""
+    """Each replica group trains on its own batches (by its group id; and rank, in a group of several)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = make_batch(GROUP, self.global_step)
+        x, y = make_batch(GROUP + 100 * RANK, self.global_step)
         return nn.functional.mse_loss(self.net(x), y)
 
 
@@ -75,7 +84,9 @@ def main() -> None:
     note("start", step=0)
     kill_at = (
         int(os.environ["FTL_KILL_AT_STEP"])
-        if os.environ.get("FTL_KILL_GROUP") == str(GROUP) and LIFE == 0
+        if os.environ.get("FTL_KILL_GROUP") == str(GROUP)
+        and LIFE == 0
+        and int(os.environ.get("FTL_KILL_RANK", str(RANK))) == RANK
         else None
     )
     pause_at = (
@@ -87,7 +98,7 @@ def main() -> None:
     strategy = algorithm(sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=DEVICES,
         strategy=strategy,
         max_steps=int(os.environ["FTL_STEPS"]),
         logger=False,
@@ -101,7 +112,8 @@ def main() -> None:
     )
     model = GroupModule(seed=GROUP)  # different initial weights: the first quorum makes them one
     trainer.fit(model)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, OUT / f"final{GROUP}.pt")
+    final = OUT / (f"final{GROUP}.pt" if RANK == 0 else f"final{GROUP}_r{RANK}.pt")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, final)
     note("end", step=strategy.replica_step, syncs=strategy.sync_count, global_step=trainer.global_step)
 
 
