@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -81,6 +82,7 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int, check_timeout
 from lightning_fedopt.comm import Communicator
+from lightning_fedopt.fault_tolerance._torchft import ENV_RESTARTS
 from lightning_fedopt.fault_tolerance.faults import FaultHandler, StopPolicy
 from lightning_fedopt.runtime.batchnorm import BatchNormStatistics
 from lightning_fedopt.runtime.checkpoints import ReplicaCheckpoints, StateRegistry
@@ -687,6 +689,11 @@ class ReplicaStrategy(CountedDDPStrategy):
         info = self.sync_fault_tolerant(contribute=False)
         if info.get("healed"):  # the peers count this round as one of their synchronisations
             self.run.counts.sync_count += 1
+        elif info.get("quorum_size") == 1.0 and int(os.environ.get(ENV_RESTARTS, "0")) > 0:
+            log.warning(
+                "lightning_fedopt: replica group restarted and found no live peer to heal from (the others "
+                "finished, or have not started): it trains on from its own initial state"
+            )
         self.run.last_sync = {**info, "joined": 1.0, "step": self.run.counts.replica_step}
 
     def _heal_state(self) -> dict[str, Any]:
@@ -922,7 +929,11 @@ class ReplicaStrategy(CountedDDPStrategy):
         self._meet_in_fit(END)
         run = self.run
         if self.final_sync_enabled and run.algorithm_ready:
-            if not run.closed and not self.local_is_consensus():
+            if not run.closed and not self.local_is_consensus() and self.fault_tolerance:
+                # under torchft: a group that healed at the last step has its joining round in flight
+                # (CO2, streaming DiLoCo): it finishes it with its peers, who did at that step
+                self._close_training(self.final_sync)
+            elif not run.closed and not self.local_is_consensus():
                 # a stop the strategy could not foresee (EarlyStopping, max_time): end on the consensus
                 # that this step's validation and checkpoints saw
                 self._close_training(self.load_consensus)

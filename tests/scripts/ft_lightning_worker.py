@@ -1,5 +1,6 @@
 """One replica group of a fault-tolerant DiLoCo run: a Lightning Trainer on one process whose
-strategy is ``DiLoCoStrategy(fault_tolerance="torchft")`` (``FTL_STRATEGY=local_sgd``: Local SGD), started (and restarted) by
+strategy is ``DiLoCoStrategy(fault_tolerance="torchft")`` (``FTL_STRATEGY``: ``local_sgd``, ``co2``, or
+``streaming``: 2 fragments, ``sync_delay=1``, mixing 0.5), started (and restarted) by
 ``python -m lightning_fedopt.fault_tolerance.launch``.
 
 Environment: ``FTL_OUT`` (folder for the logs), ``FTL_STEPS``, ``FTL_H``, ``FTL_SLEEP`` (seconds
@@ -67,10 +68,12 @@ class Recorder(L.Callback):
         if s.sync_count != self.seen:
             self.seen = s.sync_count
             note("sync", **s.last_sync)
-        if self.kill_at is not None and s.replica_step == self.kill_at:
+        # at the first step at or after the one named (a group that started late may heal past it)
+        if self.kill_at is not None and s.replica_step >= self.kill_at:
             note("killed", step=s.replica_step)
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.pause_at is not None and s.replica_step == self.pause_at:
+        if self.pause_at is not None and s.replica_step >= self.pause_at:
+            self.pause_at = None  # once
             # kill -STOP, and a kill -CONT from another process after FTL_PAUSE_SECONDS
             seconds = float(os.environ["FTL_PAUSE_SECONDS"])
             subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"])
@@ -92,9 +95,14 @@ def main() -> None:
     pause_at = (
         int(os.environ["FTL_PAUSE_AT_STEP"]) if os.environ.get("FTL_PAUSE_GROUP") == str(GROUP) else None
     )
-    algorithm = {"diloco": lf.DiLoCoStrategy, "local_sgd": lf.LocalSGDStrategy}[
-        os.environ.get("FTL_STRATEGY", "diloco")
-    ]
+    algorithm = {
+        "diloco": lf.DiLoCoStrategy,
+        "local_sgd": lf.LocalSGDStrategy,
+        "co2": lf.CO2Strategy,
+        "streaming": lambda sync_every, **kw: lf.DiLoCoStrategy(
+            sync_every, fragments=2, sync_delay=1, mixing=0.5, **kw
+        ),
+    }[os.environ.get("FTL_STRATEGY", "diloco")]
     strategy = algorithm(sync_every=int(os.environ["FTL_H"]), fault_tolerance="torchft", sync_timeout=20.0)
     trainer = L.Trainer(
         accelerator="cpu",

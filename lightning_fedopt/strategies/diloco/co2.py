@@ -242,15 +242,6 @@ class CO2Strategy(DiLoCoStrategy):
 
     strategy_name = "co2"
 
-    supports_fault_tolerance = False
-
-    @override
-    def fault_tolerance_unsupported(self) -> str | None:
-        return (
-            "its all-reduce overlaps the next round's local steps, so a failure would surface after the "
-            "round's quorum and vote; not wired to torchft yet (use DiLoCoStrategy)"
-        )
-
     def __init__(
         self,
         sync_every: int | SyncSchedule = 48,
@@ -291,6 +282,47 @@ class CO2Strategy(DiLoCoStrategy):
             gap_penalty,
             clip,
         )
+        #: ``fault_tolerance="torchft"``: whether the last synchronisation applied a round
+        self._ft_applied_last = False
+
+    @override
+    def algorithm_state_dict(self) -> dict[str, Any]:
+        return {**super().algorithm_state_dict(), "ft_applied_last": self._ft_applied_last}
+
+    @override
+    def load_algorithm_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_algorithm_state_dict(state)
+        self._ft_applied_last = bool(state.get("ft_applied_last", False))
+
+    @override
+    def sync_fault_tolerant(self, contribute: bool = True) -> dict[str, float]:
+        """CO2 as torchft rounds, one in flight at a time: this round's pseudo-gradients are
+        measured (from the outer weights the round started at), the previous round is finished (its
+        all-reduce has overlapped this round's steps; the vote; the stale outer step if it
+        committed), then this round's quorum and all-reduce start, to overlap the next round. A
+        failure surfaces at the finish: that round is not applied (its progress is dropped; never a
+        partial average). A group that joins or heals at the quorum sends nothing and finishes the
+        round with its peers' sum, so it applies what they apply."""
+        contribution = self.all_pseudo_gradients()
+        same_start = not self._ft_applied_last
+        info: dict[str, float] = {"stale_applied": 0.0}
+        if self.ft_in_flight:
+            before = [phi.clone() for phi in self.outer_weights] if same_start else None
+            info.update(self.ft_finish())
+            info["stale_applied"] = info.pop("applied")
+            if info["stale_applied"] and before is not None:
+                # this round started from the outer weights the applied one started from (nothing was
+                # applied in between): it is applied against the weights it lands on, as in `sync`
+                with torch.no_grad():
+                    for d, phi, b, param in zip(contribution[0], self.outer_weights, before, self.param_mask):
+                        if param:
+                            d.add_((phi - b).to(d.device))
+        else:
+            self._restart_from_global()
+        self._ft_applied_last = bool(info["stale_applied"])
+        launched = self.ft_launch(contribute=contribute, contribution=contribution)
+        # "healed": at this synchronisation's quorum (the finished round's numbers are the rest)
+        return {**info, "healed": launched["healed"]}
 
     @property
     def effective_outer_momentum(self) -> float:
@@ -344,6 +376,16 @@ class CO2Strategy(DiLoCoStrategy):
     def final_sync(self) -> None:
         """Apply the round in flight, then the partial round since (if any), synchronously (at the
         last training step, before its validation and checkpoints)."""
+        if self.fault_tolerance:
+            if self.ft_in_flight:
+                contribution = self.all_pseudo_gradients() if self.steps_since_sync > 0 else None
+                info = self.ft_finish()
+                self._ft_applied_last = bool(info["applied"])
+                if contribution is not None:
+                    self.ft_launch(contribution=contribution)
+                    self.run.last_sync = {**self.ft_finish(), "step": self.replica_step}
+            self.at_global = True
+            return
         pending, self.in_flight = self.in_flight, None
         # the partial round's pseudo-gradient, against the outer weights it started from
         partial = self.launch_round(None, self.replica_step) if self.steps_since_sync > 0 else None
@@ -355,4 +397,6 @@ class CO2Strategy(DiLoCoStrategy):
 
     @override
     def local_is_consensus(self) -> bool:
-        return False if self.in_flight is not None else super().local_is_consensus()
+        if self.in_flight is not None or self.ft_in_flight:
+            return False
+        return super().local_is_consensus()

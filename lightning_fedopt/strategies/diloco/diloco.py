@@ -41,7 +41,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int
-from lightning_fedopt.fault_tolerance.rounds import torchft_round
+from lightning_fedopt.fault_tolerance.rounds import (
+    PendingRound,
+    finish_torchft_round,
+    launch_torchft_round,
+    pseudo_deltas,
+    torchft_round,
+)
 from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, masked_sum
 from lightning_fedopt.schedules import SyncSchedule, as_schedule
 from lightning_fedopt.strategies.diloco.fragments import (
@@ -172,6 +178,9 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._is_param: list[bool] = []
         self._fragments: list[Fragment] = []
         self._inflight: InFlight | None = None
+        #: ``fault_tolerance="torchft"``: the round in flight (streaming with ``sync_delay``, CO2)
+        #: and its fragment (None: every tensor)
+        self._ft_round: tuple[PendingRound, int | None] | None = None
         self._at_global = True
         #: outer steps taken in this process (the consensus changes at those only)
         self._outer_steps = 0
@@ -206,6 +215,7 @@ class DiLoCoStrategy(ReplicaStrategy):
             for p, g in enumerate(groups)
         ]
         self._inflight = None
+        self._ft_round = None
         self._at_global = True
 
     @override
@@ -438,8 +448,6 @@ class DiLoCoStrategy(ReplicaStrategy):
     # ---------------------------------------------------------------- fault_tolerance="torchft"
     @override
     def fault_tolerance_unsupported(self) -> str | None:
-        if self._streaming:
-            return "streaming DiLoCo's fragments overlap local steps; a torchft round is one quorum per sync"
         if self.compressor is not None:
             return (
                 "a compressed all-reduce exchanges chunks (all-to-all, all-gather), which torchft does not "
@@ -455,7 +463,10 @@ class DiLoCoStrategy(ReplicaStrategy):
         sum of the finite groups' pseudo-gradients with their count, the commit vote, then the outer
         step only if the round committed. Every group restarts from the global weights: the new ones,
         or, when the round did not commit, the ones before it (its local steps are dropped; never a
-        partial average)."""
+        partial average). Streaming DiLoCo: one round per fragment, launched at the fragment's
+        offset and finished ``sync_delay`` steps later (:meth:`ft_launch`, :meth:`ft_finish`)."""
+        if self._streaming:
+            return self._sync_fragments_fault_tolerant(contribute)
         n = len(self._outer_weights)
         numbers, local_nonfinite = torchft_round(
             self.faults,
@@ -472,10 +483,120 @@ class DiLoCoStrategy(ReplicaStrategy):
             self.reset_optimizer_state()
         return numbers
 
+    def _sync_fragments_fault_tolerant(self, contribute: bool) -> dict[str, float]:
+        """Streaming DiLoCo's events at this step as torchft rounds. A group joining (or healing)
+        learns the step, hence the fragment of the round, from its peer at the quorum."""
+        info: dict[str, float] = {}
+        if self._ft_round is not None and self._fragment_event()[1] is not None:
+            fragment = self._ft_round[1]
+            info.update(self.ft_finish())
+            info["fragment_applied"] = float(fragment if fragment is not None else -1)
+        if not contribute or self._fragment_event()[0] is not None:
+            info.update(self.ft_launch(contribute=contribute))
+            fragment = self._ft_round[1] if self._ft_round is not None else None
+            if self.sync_delay == 0 or fragment is None:
+                info.update(self.ft_finish())
+                if fragment is not None:
+                    info["fragment_applied"] = float(fragment)
+            else:
+                info["fragment_launched"] = float(fragment)
+        return info
+
+    def _fragment_event(self) -> tuple[int | None, int | None]:
+        return fragment_events(self.replica_step, self.sync_every or 1, self.fragments, self.sync_delay)
+
+    def ft_launch(
+        self, *, contribute: bool = True, contribution: tuple[list[Tensor], bool] | None = None
+    ) -> dict[str, float]:
+        """Start a torchft round (``fault_tolerance="torchft"``): the quorum (this group heals
+        here when it is behind), then the managed sum of its pseudo-gradients, asynchronously; the
+        round stays in flight until :meth:`ft_finish`. Its fragment is the one launched at this
+        step, known after the quorum (a healed group takes its peer's step; none at a step without
+        a launch: a round with no tensors; every tensor without fragments). ``contribution``: the
+        pseudo-gradients and their finiteness computed earlier (CO2 measures them before it applies
+        the previous round); default: ``global - local`` now."""
+        assert self._ft_round is None, "a torchft round is already in flight"
+        fragment: list[int | None] = [None]
+
+        def deltas() -> tuple[list[Tensor], bool]:
+            if contribution is not None:
+                return contribution
+            if self._streaming:
+                fragment[0] = self._fragment_event()[0]
+                if fragment[0] is None:
+                    return [], True
+            idx = self._indices(fragment[0])
+            tensors = self.tracked_tensors()
+            return pseudo_deltas(
+                [tensors[i] for i in idx],
+                [self._outer_weights[i] for i in idx],
+                [self._is_param[i] for i in idx],
+            )
+
+        pending = launch_torchft_round(self.faults, deltas, self.replica_step, contribute=contribute)
+        self._ft_round = (pending, fragment[0])
+        if pending.local_nonfinite:  # left out of the sum; restarted from the global weights now
+            self._restart_tensors(range(len(self._outer_weights)))
+            self.record_nonfinite(0, local=True)
+            self.reset_optimizer_state()
+        return {"healed": float(pending.info.healed), "quorum_size": float(pending.info.participants)}
+
+    def ft_finish(self, shift: list[Tensor | None] | None = None) -> dict[str, float]:
+        """Finish the torchft round in flight: wait for the sum, vote, and take the outer step of
+        its fragment when it committed (``shift``, one per tracked tensor: added to the mean
+        pseudo-gradients, as :attr:`InFlight.shift`). The fragment's local tensors then move to the
+        new global weights (mixed with ``mixing`` in a streaming round), or, when the round did not
+        commit, back to the global weights before it (the round's local steps are dropped)."""
+        assert self._ft_round is not None, "no torchft round in flight"
+        (pending, fragment), self._ft_round = self._ft_round, None
+        n_valid, numbers = finish_torchft_round(self.faults, pending)
+        idx = self._indices(fragment) if pending.sums else []
+        applied = n_valid > 0 and bool(idx)
+        if applied:
+            sums = list(pending.sums)
+            for j, i in enumerate(idx):
+                moved = shift[i] if shift is not None else None
+                if moved is not None:  # the mean moves by `moved`: each of the n sums by n * moved
+                    sums[j] = sums[j] + n_valid * moved.to(sums[j].device)
+            self._outer_step(fragment, idx, sums, n_valid, 1.0)
+        alpha = self.mixing if fragment is not None and applied else 0.0
+        with torch.no_grad():
+            for i in idx:
+                t, phi = (
+                    self.tracked_tensors()[i],
+                    self._outer_weights[i].to(self.tracked_tensors()[i].device),
+                )
+                t.copy_(phi + alpha * (t - phi) if alpha > 0 else phi)
+        self._at_global = fragment is None and alpha == 0
+        return {**numbers, "applied": float(applied)}
+
+    def all_pseudo_gradients(self) -> tuple[list[Tensor], bool]:
+        """This replica's contribution to a round of every tensor (new tensors) and whether its
+        tensors are finite (:func:`~lightning_fedopt.fault_tolerance.rounds.pseudo_deltas`)."""
+        return pseudo_deltas(self.tracked_tensors(), self._outer_weights, self._is_param)
+
+    def _restart_tensors(self, indices: Any) -> None:
+        tensors = self.tracked_tensors()
+        with torch.no_grad():
+            for i in indices:
+                tensors[i].copy_(self._outer_weights[i].to(tensors[i].device))
+
+    @property
+    def ft_in_flight(self) -> bool:
+        """Whether a torchft round is in flight (launched, not finished)."""
+        return self._ft_round is not None
+
     @override
     def final_sync(self) -> None:
         """Apply the fragment in flight, then one outer step of every fragment (the last, partial round)."""
         if self.fault_tolerance:
+            if self._streaming:  # the fragment in flight, then one round of every tensor
+                if self._ft_round is not None:
+                    self.ft_finish()
+                if not (self.steps_since_sync == 0 and self._at_global):
+                    self.ft_launch(contribution=self.all_pseudo_gradients())
+                    self.run.last_sync = {**self.ft_finish(), "step": self.replica_step}
+                return
             if not (self.steps_since_sync == 0 and self._at_global):
                 self.run.last_sync = {**self.sync_fault_tolerant(), "step": self.replica_step}
             return
