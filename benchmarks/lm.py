@@ -108,6 +108,20 @@ ROWS: dict[str, Row] = {
         lf_row("SparseLoCoStrategy", sync_every=16),
     ),
     "sparseloco_h32": ("SparseLoCoStrategy(sync_every=32)", lf_row("SparseLoCoStrategy", sync_every=32)),
+    "desloc_h16": (
+        "DESLOCStrategy(sync_every=16, moment_periods=(3, 6)): exp_avg every 48, exp_avg_sq every 96 steps",
+        lf_row("DESLOCStrategy", sync_every=16, moment_periods=(3, 6)),
+    ),
+    "muloco_h32": (
+        "MuLoCoStrategy(sync_every=32): Muon inside (LanguageModel(optimizer='muon')), 2-bit error-feedback "
+        "pseudo-gradients, outer Nesterov SGD lr 0.7 momentum 0.6",
+        lf_row("MuLoCoStrategy", sync_every=32),
+    ),
+    "diloco_muon_h16": ("DiLoCoStrategy(sync_every=16) with Muon inside, full precision", _diloco(16)),
+    "eager_h16": (
+        "EagerDiLoCoStrategy(sync_every=16): eager updates, the round overlapped; outer Nesterov lr 0.4 (M<=2) / 0.2",
+        lf_row("EagerDiLoCoStrategy", sync_every=16),
+    ),
     "noloco": rows.STRATEGIES["noloco"],
 }
 #: the outer sweep: DiLoCo H=64 at each setting of :data:`SWEEP_GRID`
@@ -149,6 +163,7 @@ FOUR_RANK_ROWS = ("ddp", "post_local_sgd", "diloco_h64", "diloco_int4", "co2", "
 SUITE = Suite(
     strategies=ROWS,
     extra={**SWEEP, **LONG_SWEEP},
+    model_kwargs={"muloco_h32": {"optimizer": "muon"}, "diloco_muon_h16": {"optimizer": "muon"}},
     worker_module="benchmarks.lm",
     quick=QUICK,
     prog="python -m benchmarks.lm",
@@ -177,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default=None, help="comma list (default 0,1; quick 0)")
     g.add_argument("--world-sizes", default=None, help="comma list of ranks per run (default 2,4; quick 2)")
     g.add_argument("--no-sweep", action="store_true", help="skip the outer sweep (use --outer-lr/momentum)")
+    g.add_argument(
+        "--from-logs",
+        action="store_true",
+        help="--long: report the runs an earlier (possibly interrupted) run left in its logs, run nothing",
+    )
     g.add_argument(
         "--long",
         action="store_true",
@@ -215,6 +235,7 @@ def _work(args: argparse.Namespace) -> None:
             seq_len=args.seq_len,
             lr=args.lr,
             warmup_steps=args.warmup,
+            **SUITE.model_kwargs.get(args.worker, {}),
         )
 
     def data() -> Any:
@@ -390,6 +411,19 @@ def _report(
     )
 
 
+def _logged(logdir: Path, devices: int, seed: int, names: list[str]) -> dict[str, Any]:
+    """The rows of ``names`` that a run at ``devices`` ranks and ``seed`` left in ``logdir`` (rank 0's JSON)."""
+    import json
+
+    sub = logdir / f"n{devices}_s{seed}"
+    found = {}
+    for name in names:
+        path = sub / f"{name}.r0.json"
+        if path.exists():
+            found[name] = {**json.loads(path.read_text()), "mode": "loopback", "seed": seed}
+    return found
+
+
 def long_runner(args: argparse.Namespace) -> None:
     """The long preset: per number of replicas, the first seed runs every row of :data:`LONG_SWEEP`
     beside :data:`LONG_ROWS` and the compute-only reference; the best lr of each H becomes the row
@@ -412,7 +446,17 @@ def long_runner(args: argparse.Namespace) -> None:
         best: dict[int, float] = {}
         for seed in seeds:
             diloco = list(LONG_SWEEP) if not best else [_long_name(h, best[h]) for h in LONG_H]
-            got = _run(args, [*base, *diloco], n, seed, logdir)
+            if args.from_logs:  # the runs an earlier (possibly interrupted) run left in its logs
+                got = _logged(logdir, n, seed, [*base, *diloco])
+                if not all(_long_name(h, lr) in got for h in LONG_H for lr in LONG_LRS) and not best:
+                    print(f"{n} replicas, seed {seed}: the sweep is not complete in the logs; skipped")
+                    break
+                if not best and "ddp" not in got:
+                    break
+            else:
+                got = _run(args, [*base, *diloco], n, seed, logdir)
+            if not got:
+                continue
             for k, r in got.items():
                 runs[(n, seed, k)] = r
             if not best:
@@ -423,8 +467,11 @@ def long_runner(args: argparse.Namespace) -> None:
                         mark = "  <- best" if lr == best[h] else ""
                         print(f"  H={h:<3} lr {lr:<4g} {_final_bpb(got[_long_name(h, lr)]):.4f}{mark}")
             for h in LONG_H:
-                row = {**_relabel(got[_long_name(h, best[h])], f"diloco_h{h}"), "outer_lr": best[h]}
-                runs[(n, seed, f"diloco_h{h}")] = row
+                if _long_name(h, best[h]) in got:
+                    row = {**_relabel(got[_long_name(h, best[h])], f"diloco_h{h}"), "outer_lr": best[h]}
+                    runs[(n, seed, f"diloco_h{h}")] = row
+    if not runs:
+        sys.exit(f"no complete runs (logs: {logdir})")
     _report(args, runs, name, outdir, t0, hidden=set(LONG_SWEEP))
 
 

@@ -14,6 +14,10 @@ Run it with any registered strategy through Lightning's CLI, e.g.::
         --trainer.strategy=lightning_fedopt.DiLoCoStrategy --trainer.strategy.sync_every=10 \
         --trainer.precision=bf16-mixed --model.d_model=64 --model.n_layers=2 --model.n_heads=2 \
         --model.seq_len=64
+    # MuLoCo: Muon inside (--model.optimizer=muon), 2-bit error-feedback pseudo-gradients
+    python examples/lm.py fit --trainer.accelerator=cpu --trainer.devices=2 --model.optimizer=muon \
+        --trainer.strategy=lightning_fedopt.strategies.diloco.muloco.MuLoCoStrategy \
+        --trainer.strategy.sync_every=30
     # IID instead of one block of packages per replica
     python examples/lm.py fit --trainer.accelerator=cpu --trainer.devices=2 \
         --trainer.strategy=local_sgd --data.iid=true
@@ -30,8 +34,9 @@ and held-out validation files. By default each replica reads only its own contig
 sorted training files (so each site sees different packages: non-IID); ``--data.iid=true`` deals
 a seeded shuffle of the files instead. Every rank validates on the same held-out files; ``val_loss`` is in nats per token and
 ``val_bpb`` in bits per byte of source text. The learning rate warms up linearly for
-``warmup_steps`` optimizer steps, then follows a cosine to ``min_lr_ratio * lr``; gradients are
-clipped to norm 1 (``--trainer.gradient_clip_val``).
+``warmup_steps`` optimizer steps, then follows a cosine to ``min_lr_ratio * lr`` (with
+``--model.optimizer=muon`` Muon's ``muon_lr`` follows the same schedule); gradients are clipped to
+norm 1 (``--trainer.gradient_clip_val``).
 """
 
 from __future__ import annotations
@@ -119,6 +124,10 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.tok_emb.weight)
 
 
+#: the inner optimizers :class:`LanguageModel` builds (``optimizer=``)
+OPTIMIZERS = ("adamw", "muon")
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1 over ``warmup_steps``, then a cosine from 1 to
     ``min_ratio`` at ``total_steps`` (constant at 1 after warm-up when ``total_steps`` is infinite)."""
@@ -131,7 +140,8 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: f
 
 
 class LanguageModel(LightningModule):
-    """Next-token prediction with AdamW, warm-up + cosine learning rate, and bits-per-byte validation.
+    """Next-token prediction with AdamW (or Muon inside), warm-up + cosine learning rate, and
+    bits-per-byte validation.
 
     Args:
         d_model: the :class:`GPT`'s width (vocabulary: the 256 byte values).
@@ -144,6 +154,14 @@ class LanguageModel(LightningModule):
         min_lr_ratio: the cosine ends at ``min_lr_ratio * lr`` at the run's last optimizer step.
         weight_decay: AdamW's decoupled weight decay, on matrices and embeddings only.
         betas: AdamW's betas.
+        optimizer: ``"adamw"`` (AdamW on everything) or ``"muon"``: Muon on the hidden matrices
+            and AdamW (``lr``, ``betas``, ``weight_decay``) on the embeddings, biases and norms,
+            as one :class:`lightning_fedopt.optim.MuonAdamW` (MuLoCo's inner optimizer; needs
+            ``torch.optim.Muon``, torch 2.9 or later).
+        muon_lr: Muon's learning rate (``optimizer="muon"``), under the same warm-up and cosine.
+        muon_weight_decay: Muon's decoupled weight decay (``optimizer="muon"``; the MuLoCo
+            authors' default 0.01: Muon's steps are ``muon_lr`` large, so AdamW's 0.1 would shrink
+            the matrices ten times as fast).
         hf_model: a Hugging Face causal LM (hub name or local path; needs ``transformers``) to train
             instead of the GPT; pair it with ``--data.tokenizer``.
         pretrained: load ``hf_model``'s weights (False: its architecture, freshly initialised).
@@ -163,10 +181,19 @@ class LanguageModel(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         hf_model: str | None = None,
         pretrained: bool = True,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_weight_decay: float = 0.01,
     ) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if not muon_lr > 0:
+            raise ValueError(f"`muon_lr` must be > 0, got {muon_lr!r}")
+        if not muon_weight_decay >= 0:
+            raise ValueError(f"`muon_weight_decay` must be >= 0, got {muon_weight_decay!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -210,13 +237,32 @@ class LanguageModel(LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        opt: torch.optim.Optimizer
+        if hp.get("optimizer", "adamw") == "muon":
+            from lightning_fedopt.optim import MuonAdamW
+
+            # Muon on the blocks' matrices; AdamW on the (tied) embeddings with weight decay and on
+            # the biases and norms without, as in the AdamW configuration below
+            opt = MuonAdamW(
+                self,
+                lr=hp.lr,
+                muon_lr=hp.muon_lr,
+                weight_decay=hp.weight_decay,
+                muon_weight_decay=hp.muon_weight_decay,
+                vector_weight_decay=0.0,
+                betas=tuple(hp.betas),
+            )
+        else:
+            decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+            no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+            opt = torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": hp.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=hp.lr,
+                betas=tuple(hp.betas),
+            )
         total = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else math.inf
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)

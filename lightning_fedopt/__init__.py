@@ -7,7 +7,17 @@ start methods, e.g. for notebooks).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_fedopt import callbacks, compression, data, elastic, errors, merging, schedules, topology
+from lightning_fedopt import (
+    callbacks,
+    compression,
+    data,
+    elastic,
+    errors,
+    merging,
+    optim,
+    schedules,
+    topology,
+)
 from lightning_fedopt.comm import CommStats, Communicator
 from lightning_fedopt.errors import (
     AgreementError,
@@ -23,11 +33,14 @@ from lightning_fedopt.schedules import AutoSync, Explicit, Increasing, LateBudge
 from lightning_fedopt.strategies import (
     CO2Strategy,
     CompressedDDPStrategy,
+    DESLOCStrategy,
     DiLoCoStrategy,
+    EagerDiLoCoStrategy,
     FedSpeedStrategy,
     GossipStrategy,
     LocalSGDStrategy,
     MeteredDDPStrategy,
+    MuLoCoStrategy,
     NoLoCoStrategy,
     ReplicaStrategy,
     SparseLoCoStrategy,
@@ -44,7 +57,9 @@ __all__ = [
     "CommStats",
     "Communicator",
     "CompressedDDPStrategy",
+    "DESLOCStrategy",
     "DiLoCoStrategy",
+    "EagerDiLoCoStrategy",
     "Explicit",
     "FedSpeedStrategy",
     "GossipStrategy",
@@ -53,6 +68,7 @@ __all__ = [
     "LocalSGDStrategy",
     "Merge",
     "MeteredDDPStrategy",
+    "MuLoCoStrategy",
     "NoFiniteReplicaError",
     "NoLoCoStrategy",
     "PeerStoppedError",
@@ -71,6 +87,7 @@ __all__ = [
     "elastic",
     "errors",
     "merging",
+    "optim",
     "schedules",
     "topology",
 ]
@@ -86,7 +103,10 @@ def _register() -> None:
         StreamingDiLoCoStrategy,
         NoLoCoStrategy,
         SparseLoCoStrategy,
+        MuLoCoStrategy,
+        EagerDiLoCoStrategy,
         FedSpeedStrategy,
+        DESLOCStrategy,
         GossipStrategy,
     ):
         cls.register_strategies(StrategyRegistry)

@@ -27,6 +27,7 @@ from lightning_fedopt.compression.compressors import (
     RandomProjection,
     Sign,
     SparseLoCo,
+    StatQuant,
     TopK,
     get_compressor,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "RandomProjection",
     "Sign",
     "SparseLoCo",
+    "StatQuant",
     "TopK",
     "all_reduce_compressed",
     "get_compressor",

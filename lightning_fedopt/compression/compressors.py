@@ -18,6 +18,7 @@ from lightning_fedopt._validate import check_bool, check_choice, check_float, ch
 from lightning_fedopt.compression import kernels
 from lightning_fedopt.compression.base import Compressor, Payload, check_block, check_unit, stable_seed
 from lightning_fedopt.compression.sparseloco import SparseLoCo
+from lightning_fedopt.compression.statquant import StatQuant
 from lightning_fedopt.compression.topk import TopK
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "RandomProjection",
     "Sign",
     "SparseLoCo",
+    "StatQuant",
     "TopK",
     "get_compressor",
 ]
@@ -389,7 +391,8 @@ class RandomProjection(Compressor):
 # ====================================================================== by name
 #: lowercase class name -> class, what :func:`get_compressor` accepts
 COMPRESSORS: dict[str, type[Compressor]] = {
-    c.name: c for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection, SparseLoCo)
+    c.name: c
+    for c in (FP16, BF16, Int8, Int4, Sign, TopK, ErrorControl, RandomProjection, SparseLoCo, StatQuant)
 }
 
 

@@ -163,6 +163,33 @@ _target(
 )
 _target("NoLoCoStrategy", strategies.NoLoCoStrategy, {}, "sync_every", "outer_lr", "outer_momentum", "seed")
 _target(
+    "DESLOCStrategy", strategies.DESLOCStrategy, {}, *_R, "moment_periods", "weighting", "participation",
+    "adaptive_weights", "merge", "compressor", "average_optimizer_state",
+)  # fmt: skip
+_target(
+    "MuLoCoStrategy",
+    strategies.MuLoCoStrategy,
+    {},
+    "sync_every",
+    "compressor",
+    "outer_optimizer",
+    "outer_kwargs",
+    "offload_global",
+    "fragments",
+    "sync_delay",
+    "mixing",
+)
+_target(
+    "EagerDiLoCoStrategy",
+    strategies.EagerDiLoCoStrategy,
+    {},
+    "sync_every",
+    "outer_optimizer",
+    "outer_kwargs",
+    "offload_global",
+    "warmup_steps",
+)
+_target(
     "CompressedDDPStrategy",
     strategies.CompressedDDPStrategy,
     {},
@@ -240,6 +267,7 @@ _target(
     "average",
     "error_feedback",
 )
+_target("StatQuant", compression.StatQuant, {}, "bits", "beta", "range_sigmas", "error_feedback")
 _target("ErrorControl", compression.ErrorControl, {}, "compressor", "eta")
 _target("RandomProjection", compression.RandomProjection, {}, "ratio", "seed")
 _target(
