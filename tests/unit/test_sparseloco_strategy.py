@@ -84,3 +84,11 @@ def test_registered_name_and_exports():
 
 
 # ---------------------------------------------------------------------- 2 real ranks vs the reference
+
+
+def test_the_streaming_arguments_at_their_defaults_are_accepted():
+    """LightningCLI passes every argument of the class, at its default when the user set none."""
+    s = lf.SparseLoCoStrategy(fragments=1, fragment_layout="auto", sync_delay=0, mixing=0.0)
+    assert s.fragments == 1 and s.sync_delay == 0 and s.mixing == 0.0
+    with pytest.raises(ValueError, match="mixing"):
+        lf.SparseLoCoStrategy(mixing=0.5)

@@ -52,8 +52,9 @@ __all__ = ["SPARSELOCO_DEFAULTS", "SparseLoCoStrategy"]
 SPARSELOCO_DEFAULTS: dict[str, Any] = {"topk": 128, "chunk": 4096, "beta": 0.95, "bits": 2}
 #: the outer optimizer's arguments when none are given: plain SGD, the buffer is the momentum
 _OUTER_DEFAULTS: dict[str, Any] = {"lr": 1.0, "momentum": 0.0, "nesterov": False}
-#: DiLoCo arguments SparseLoCo does not take (the authors synchronise every tensor every H steps)
-_REFUSED = ("fragments", "fragment_layout", "sync_delay", "mixing")
+#: DiLoCo arguments SparseLoCo does not take other than at their defaults (the authors synchronise
+#: every tensor every H steps); LightningCLI passes every argument, at its default when not set
+_REFUSED: dict[str, Any] = {"fragments": 1, "fragment_layout": "auto", "sync_delay": 0, "mixing": 0.0}
 
 
 class SparseLoCoStrategy(DiLoCoStrategy):
@@ -105,8 +106,8 @@ class SparseLoCoStrategy(DiLoCoStrategy):
         outer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        for name in _REFUSED:
-            if name in kwargs:
+        for name, default in _REFUSED.items():
+            if name in kwargs and kwargs.pop(name) != default:
                 raise ValueError(
                     f"SparseLoCoStrategy does not take `{name}`: every tensor is synchronised every H steps "
                     "(use DiLoCoStrategy(compressor=SparseLoCo(...), fragments=...) for a streaming variant)"
