@@ -1,10 +1,15 @@
 """The worker ``torchrun`` starts in a fault-tolerance run (:mod:`benchmarks.faults`, :mod:`benchmarks._agents`).
 
 One process per node: it trains the benchmarks' digits MLP (``examples.digits``: scikit-learn's
-bundled digits, nothing downloaded) with one strategy on ``WORLD_SIZE`` nodes of one CPU device each,
+bundled digits, nothing downloaded) or, with ``--task lm``, the byte-level GPT of ``examples/lm.py``
+at the size of ``benchmarks/lm.py`` (``examples.lm_data.StdlibText``: the standard library's source,
+one block of packages per rank) with one strategy on ``WORLD_SIZE`` nodes of one CPU device each,
 whatever size the rendezvous formed, and records what the fault benchmark measures::
 
     python -m torch.distributed.run ... benchmarks/_elastic_worker.py --strategy local_sgd --dir DIR
+
+The task (:func:`make_task`; its flags: :func:`benchmarks.faults.add_task_args`) is shared with
+:mod:`benchmarks._ft_worker`.
 
 Strategies (``--strategy``):
 
@@ -23,10 +28,10 @@ across restarts):
 * ``events/agent<i>.jsonl``: one line per incarnation at ``on_train_start`` (``event="start"``, the
   step it resumes from) and at its first completed step (``event="first_step"``);
 * ``rows/agent<i>.jsonl``: one line per validation (wall time ``time.time()``, step, world size,
-  rank, restart count, validation loss of the consensus model);
+  rank, restart count, validation loss of the consensus model; ``lm``: and its bits per byte);
 * ``results/agent<i>.json``: at the end, the final validation loss of this rank's model (after the
-  final synchronisation: the consensus), steps, SHA-256 of the final weights, world size, restart
-  count.
+  final synchronisation: the consensus; ``lm``: nats per token, and bits per byte), steps, SHA-256
+  of the final weights, world size, restart count.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -43,17 +49,143 @@ import lightning as L
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 import lightning_fedopt as lf
 from benchmarks._agents import ENV_AGENT, process_start_time, write_progress
 from benchmarks._worker import digits_trainer, one_thread
+from benchmarks.faults import TASKS, add_task_args, task_defaults
 from examples.digits import DigitsClassifier, DigitsDataModule
+from examples.lm_data import ShareSampler, StdlibText, Windows, list_files, replica_shares, split_files
 
-__all__ = ["STRATEGIES", "FaultRecorder", "main", "make_strategy", "supports_elastic", "weights_sha256"]
+__all__ = [
+    "STRATEGIES",
+    "FaultRecorder",
+    "ShardedDigits",
+    "ShardedText",
+    "final_metrics",
+    "main",
+    "make_strategy",
+    "make_task",
+    "supports_elastic",
+    "task_trainer_kwargs",
+    "weights_sha256",
+]
 
 #: the strategies a fault run compares; ``ddp`` is Lightning's own, restarted from ``last.ckpt``
 STRATEGIES = ("ddp", "local_sgd", "diloco", "noloco", "gossip")
+
+
+class ShardedDigits(DigitsDataModule):
+    """The digits data, training on the ``DistributedSampler`` slice ``index`` of ``count``
+    (Lightning's sampler settings: the slice a rank of that index gets in a world of ``count``).
+
+    Args:
+        shard: ``(index, count)``.
+        kwargs: :class:`~examples.digits.DigitsDataModule`'s.
+    """
+
+    def __init__(self, shard: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shard = shard
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        index, count = self.shard
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            self.train_set, num_replicas=count, rank=index, shuffle=True, seed=self.seed
+        )
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+
+class ShardedText(StdlibText):
+    """The standard library's text, training on share ``index`` of ``count``
+    (:func:`~examples.lm_data.replica_shares`: the files a rank of that index reads in a world of
+    ``count``, and its sampling order) whatever Lightning's own rank and world size are; every shard
+    validates on the same held-out files. Bytes as tokens (no ``tokenizer``).
+
+    Args:
+        shard: ``(index, count)``.
+        kwargs: :class:`~examples.lm_data.StdlibText`'s.
+    """
+
+    def __init__(self, shard: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.tokenizer is not None:
+            raise ValueError("ShardedText reads bytes (tokenizer=None)")
+        self.shard = shard
+
+    @override
+    def setup(self, stage: str) -> None:
+        index, count = self.shard
+        files = list_files(self.root, self.suffix, self.include_tests)
+        train, val = split_files(files, self.seed, self.val_fraction, self.max_bytes, self.val_bytes)
+        shares = replica_shares(train, count, self.iid, self.seed)
+        self.train_files, self.val_files = shares[index], val
+        self.val_set = Windows(self._tokens(val), self.seq_len)
+        if stage == "fit":
+            self.train_set = Windows(self._tokens(self.train_files), self.seq_len)
+            # StdlibText's epoch: as many windows as the smallest share holds, for every shard
+            self.epoch_windows = max(
+                1, min((sum(s for _, s in share) + len(share) - 1) // self.seq_len for share in shares)
+            )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        sampler = ShareSampler(len(self.train_set), self.epoch_windows, self.seed, self.shard[0])
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
+
+
+def make_task(
+    args: argparse.Namespace, shard: tuple[int, int] | None = None
+) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The model and the data of ``args.task`` (after seeding: the model's initialisation draws).
+
+    ``shard``: ``(index, count)``: train on that shard of the training data (a replica group of the
+    fault-tolerant rows, its own Lightning world of one process); ``None``: the data module's own
+    split by Lightning's rank and world size (the torchrun rows: Lightning's ``DistributedSampler``
+    for digits, a block of packages per rank for ``lm``)."""
+    model: L.LightningModule
+    data: L.LightningDataModule
+    if args.task == "digits":
+        model = DigitsClassifier(hidden=args.hidden, lr=args.lr)
+        kw: dict[str, Any] = {"batch_size": args.batch_size, "seed": args.seed}
+        data = DigitsDataModule(**kw) if shard is None else ShardedDigits(shard, **kw)
+        return model, data
+    if args.task != "lm":
+        raise ValueError(f"unknown task {args.task!r}; one of {TASKS}")
+    from examples.lm import LanguageModel
+
+    model = LanguageModel(
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+    )
+    kw = {
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "max_bytes": args.max_bytes,
+        "val_bytes": args.val_bytes,
+    }
+    data = StdlibText(**kw) if shard is None else ShardedText(shard, **kw)
+    return model, data
+
+
+def task_trainer_kwargs(task: str) -> dict[str, Any]:
+    """The task's ``Trainer`` settings on top of :func:`benchmarks._worker.digits_trainer`'s
+    (``lm``: gradient clipping at norm 1, as examples/lm.py and benchmarks/lm.py)."""
+    return {"gradient_clip_val": 1.0} if task == "lm" else {}
 
 
 def supports_elastic() -> bool:
@@ -160,19 +292,48 @@ class FaultRecorder(Callback):
                 "rank": trainer.global_rank,
                 "agent": self.agent,
                 "val_loss": float(trainer.callback_metrics["val_loss"]),
+                **_bpb_row(trainer),
             },
         )
 
 
+def _bpb_row(trainer: L.Trainer) -> dict[str, float]:
+    """``{"val_bpb": ...}`` when the model logs bits per byte (``lm``), else nothing."""
+    bpb = trainer.callback_metrics.get("val_bpb")
+    return {} if bpb is None else {"val_bpb": float(bpb)}
+
+
 @torch.no_grad()
-def _val_loss(model: DigitsClassifier, data: DigitsDataModule) -> float:
-    """Cross-entropy of ``model`` on the whole validation set (this process only, no collectives)."""
+def _val_loss(model: L.LightningModule, data: L.LightningDataModule) -> float:
+    """Cross-entropy of ``model`` on the whole validation set (this process only, no collectives):
+    per example (digits: ``(x, y)`` batches) or per predicted token (``lm``: windows of tokens)."""
     model.eval()
     total, n = 0.0, 0
-    for x, y in data.val_dataloader():
-        total += float(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
-        n += len(y)
+    for batch in data.val_dataloader():
+        if isinstance(batch, torch.Tensor):  # windows: predict tokens 1.. from 0..
+            logits = model(batch[:, :-1])
+            target = batch[:, 1:]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.float().flatten(0, 1), target.flatten(), reduction="sum"
+                )
+            )
+            n += target.numel()
+        else:
+            x, y = batch
+            total += float(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
+            n += len(y)
     return total / n
+
+
+def final_metrics(model: L.LightningModule, data: L.LightningDataModule) -> dict[str, float]:
+    """``final_val_loss`` on the whole validation set (:func:`_val_loss`) and, for text, the bits
+    per byte (``final_val_bpb``: nats per token / ln 2 / the data's bytes per token)."""
+    loss = _val_loss(model, data)
+    out = {"final_val_loss": loss}
+    if isinstance(data, StdlibText):
+        out["final_val_bpb"] = loss / (math.log(2) * data.bytes_per_token)
+    return out
 
 
 def _bytes_by_purpose(strategy: Any) -> dict[str, int]:
@@ -195,12 +356,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-timeout", type=float, default=10.0)
     p.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=None,
                    help="elastic=True for the library's strategies (default: if the library has it)")  # fmt: skip
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds added to every step (tests)")
-    args = p.parse_args(argv)
+    add_task_args(p)
+    args = task_defaults(p.parse_args(argv))
     if args.elastic is None:
         args.elastic = args.strategy != "ddp" and supports_elastic()
     return args
@@ -235,21 +394,22 @@ def main(argv: list[str] | None = None) -> None:
         root=str(root),
         num_nodes=int(os.environ.get("WORLD_SIZE", "1")),
         enable_checkpointing=ddp,
+        **task_trainer_kwargs(args.task),
     )
-    model = DigitsClassifier(hidden=args.hidden, lr=args.lr)
-    data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
+    model, data = make_task(args)
     trainer.fit(model, data, ckpt_path="last" if ddp else None)
     write_progress(trainer.global_step, phase="end")
     data.setup("validate")
     result = {
         "strategy": args.strategy,
+        "task": args.task,
         "elastic": bool(args.elastic),
         "agent": int(os.environ.get(ENV_AGENT, "0")),
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "steps": int(trainer.global_step),
-        "final_val_loss": _val_loss(model, data),
+        **final_metrics(model, data),
         "sha256": weights_sha256(model),
         "bytes_by_purpose": _bytes_by_purpose(trainer.strategy),
         "seconds": time.time() - t0,

@@ -1,15 +1,28 @@
-"""One replica group of a fault-tolerant run (:mod:`benchmarks.faults` ``--ft``): the digits task under
-``DiLoCoStrategy(fault_tolerance="torchft")``, started and restarted by the library's launcher::
+"""One replica group of a fault-tolerant run (:mod:`benchmarks.faults` ``--ft``): the digits task (or,
+with ``--task lm``, the language model) under ``DiLoCoStrategy(fault_tolerance="torchft")``, started
+and restarted by the library's launcher::
 
     python -m lightning_fedopt.fault_tolerance.launch --groups 3 --lighthouse-port 0 ... \\
-        -- python benchmarks/_ft_worker.py --dir DIR --groups 3 --steps 600
+        -- python benchmarks/_ft_worker.py --dir DIR --groups 3 --steps 600 [--task lm]
 
-Each group is its own Lightning world (``Trainer(devices=1)``) that trains the benchmarks' digits MLP
-(:func:`benchmarks._worker.digits_trainer`, ``examples.digits``) on its own shard of the training set:
-the ``DistributedSampler`` slice of its ``REPLICA_GROUP_ID`` among ``--groups`` (the slice a torchrun
-rank of the same index gets in the other rows: same batch size, same per-step work). The strategy is
-the ``diloco`` row of the fault benchmark (H=32, outer Nesterov lr 0.5 momentum 0.5) with
-``fault_tolerance="torchft"`` instead of ``elastic=True``.
+Each group is its own Lightning world (``Trainer(devices=1)``, :func:`benchmarks._worker.digits_trainer`)
+that trains the task of the torchrun rows (:func:`benchmarks._elastic_worker.make_task`) on its own
+shard of the training data, the one of its ``REPLICA_GROUP_ID`` among ``--groups`` (the shard a
+torchrun rank of the same index gets in the other rows: same batch size, same per-step work):
+
+* ``digits`` (default): the benchmarks' digits MLP (``examples.digits``, batch 32, AdamW 1e-3), the
+  ``DistributedSampler`` slice of the group's index;
+* ``lm``: the byte-level GPT of ``examples/lm.py`` at ``benchmarks/lm.py``'s size (d_model 64, 2
+  layers, 2 heads, seq_len 128; AdamW lr 2e-3, 64 warm-up steps then a cosine, gradient clipping at
+  1; batch 8), on the group's block of packages of ``examples.lm_data.StdlibText``
+  (``replica_shares(train, --groups)[REPLICA_GROUP_ID]``); validation loss in nats per byte and
+  bits per byte.
+
+The strategy is the ``diloco`` row of the fault benchmark (H=32, outer Nesterov lr 0.5 momentum
+0.5) with ``fault_tolerance="torchft"`` instead of ``elastic=True``. A restarted group heals the
+global weights, the outer optimizer's state and the step count from a live peer; its inner
+optimizer state, its learning-rate schedule (``lm``: the warm-up again) and its data order start
+afresh.
 
 Outputs under ``DIR``, keyed by the group (``<g>``) and appended by every life of it
 (``LIGHTNING_FEDOPT_FT_RESTARTS`` is the life):
@@ -20,11 +33,12 @@ Outputs under ``DIR``, keyed by the group (``<g>``) and appended by every life o
   cumulative bytes this life sent/received with purpose ``heal``), ``end`` and ``late`` (a restart
   that came after the run had finished: it exits at once);
 * ``steps/group<g>.jsonl``: one line per optimizer step (wall time at its end, seconds, step, life);
-* ``rows/group<g>.jsonl``: one line per validation (wall time, step, loss);
+* ``rows/group<g>.jsonl``: one line per validation (wall time, step, loss; ``lm``: bits per byte);
 * ``progress/group<g>.json``: the last step, pid, life and whether this life has had a committed
   synchronisation yet (read by the chaos controller);
-* ``results/group<g>.json``: at the end, the final validation loss on the whole validation set,
-  SHA-256 of the final weights, bytes by purpose, the strategy's fault-tolerance totals;
+* ``results/group<g>.json``: at the end, the final validation loss on the whole validation set
+  (``lm``: and bits per byte), SHA-256 of the final weights, bytes by purpose, the strategy's
+  fault-tolerance totals;
 * ``done``: written by the first group to finish (a group restarted after it exits at once instead
   of training a new run alone).
 """
@@ -60,12 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--sync-every", type=int, default=32, help="DiLoCo's H")
     p.add_argument("--sync-timeout", type=float, default=10.0)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds added to every step")
-    return p.parse_args(argv)
+    from benchmarks.faults import add_task_args, task_defaults  # no torch, no Lightning
+
+    add_task_args(p)  # --task and its model's and data's flags: the torchrun worker's
+    return task_defaults(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,13 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import lightning as L
     from lightning.pytorch import Callback
-    from torch.utils.data import DataLoader, DistributedSampler
     from typing_extensions import override
 
     import lightning_fedopt as lf
-    from benchmarks._elastic_worker import _val_loss, weights_sha256
+    from benchmarks._elastic_worker import final_metrics, make_task, task_trainer_kwargs, weights_sha256
     from benchmarks._worker import digits_trainer, one_thread
-    from examples.digits import DigitsClassifier, DigitsDataModule
 
     events = directory / "events" / f"group{GROUP}.jsonl"
 
@@ -102,16 +114,6 @@ def main(argv: list[str] | None = None) -> None:
     if (directory / "done").exists():  # the run finished during the imports
         event("late", exec_time=exec_time, step=0)
         return
-
-    class ShardedDigits(DigitsDataModule):
-        """The digits data, this group's ``DistributedSampler`` slice (Lightning's sampler settings)."""
-
-        @override
-        def train_dataloader(self) -> DataLoader:
-            sampler: DistributedSampler[Any] = DistributedSampler(
-                self.train_set, num_replicas=args.groups, rank=GROUP, shuffle=True, seed=args.seed
-            )
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def heal_bytes(strategy: Any) -> tuple[int, int]:
         c = strategy.comm_stats.purpose("heal")
@@ -206,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
                     "group": GROUP,
                     "life": LIFE,
                     "val_loss": float(trainer.callback_metrics["val_loss"]),
+                    **(
+                        {"val_bpb": float(trainer.callback_metrics["val_bpb"])}
+                        if "val_bpb" in trainer.callback_metrics
+                        else {}
+                    ),
                 },
             )
 
@@ -227,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         val_every=args.val_every,
         callbacks=[recorder],
         root=str(directory / "root" / f"group{GROUP}"),
+        **task_trainer_kwargs(args.task),
     )
-    model = DigitsClassifier(hidden=args.hidden, lr=args.lr)
-    data = ShardedDigits(batch_size=args.batch_size, seed=args.seed)
+    # the task's model, and its data: this group's shard among the groups
+    model, data = make_task(args, shard=(GROUP, args.groups))
     t0 = time.time()
     trainer.fit(model, data)
     end = time.time()
@@ -238,11 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     stats = strategy.comm_stats
     result = {
         "group": GROUP,
+        "task": args.task,
         "life": LIFE,
         "pid": os.getpid(),
         "steps": int(trainer.global_step),
         "syncs": int(strategy.sync_count),
-        "final_val_loss": _val_loss(model, data),
+        **final_metrics(model, data),
         "sha256": weights_sha256(model),
         "bytes_by_purpose": {k: int(v.bytes_sent) for k, v in stats.by_purpose.items()},
         "heal_sent": heal_bytes(strategy)[0],

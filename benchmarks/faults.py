@@ -20,11 +20,17 @@ the loss against the failure-free run, the survivors' stall per failure, seconds
 the group training again and the bytes sent to heal, beside the torchrun rows (``<name>_ft*.csv``,
 ``<name>_ft.png``). ``--step-sleep`` lengthens every step of every row (a run long enough for chaos).
 
+``--task lm`` trains the byte-level GPT of ``examples/lm.py`` instead, in every row, at
+``benchmarks/lm.py``'s size (d_model 64, 2 layers, 2 heads, seq_len 128, AdamW 2e-3 with warm-up,
+clipping at 1, batch 8) on ``examples.lm_data.StdlibText``: one block of packages per torchrun rank,
+and per replica group the block of its ``REPLICA_GROUP_ID`` (:func:`benchmarks._elastic_worker.make_task`,
+shared by both workers); the losses are in nats per byte, with bits per byte beside them.
+
 Kill steps are drawn once per seed (one per ``--kill-every`` steps, uniformly inside each window)
 and are the same for every strategy. Outputs in ``--out`` (default ``benchmarks/results/``):
 
 * ``<name>.csv``: one row per validation (rank 0): strategy, run, seconds since the job started,
-  step, world size, validation loss;
+  step, world size, validation loss (``lm``: and bits per byte);
 * ``<name>_kills.csv``: one row per failure: the step it hit, how long until a new worker ran,
   until training resumed (first step completed after the restart) and until it was back past the
   step it had reached (``recover_s``), the step it resumed from and the steps redone;
@@ -50,6 +56,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +64,17 @@ from typing import Any
 from benchmarks._agents import Agents, Rendezvous
 from benchmarks.harness import DEFAULT_OUT, REPO_ROOT, write_csv
 
-__all__ = ["kill_steps", "main", "run_ft_job", "run_job", "summarize", "summarize_ft"]
+__all__ = [
+    "TASKS",
+    "add_task_args",
+    "kill_steps",
+    "main",
+    "run_ft_job",
+    "run_job",
+    "summarize",
+    "summarize_ft",
+    "task_defaults",
+]
 
 STRATEGIES = ("ddp", "local_sgd", "diloco", "noloco", "gossip")
 WORKER = REPO_ROOT / "benchmarks" / "_elastic_worker.py"
@@ -65,6 +82,47 @@ FT_WORKER = REPO_ROOT / "benchmarks" / "_ft_worker.py"
 RUNS = ("free", "faults", "lose_node")
 #: the name of the fault-tolerant rows (``DiLoCoStrategy(fault_tolerance="torchft")``)
 FT = "diloco_ft"
+
+#: what a fault run trains (``--task``): the digits MLP, or the language model of ``examples/lm.py``
+TASKS = ("digits", "lm")
+#: ``--lr`` and ``--batch-size`` (per replica) when not given: the digits benchmarks' and benchmarks/lm.py's
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"lr": 1e-3, "batch_size": 32},
+    "lm": {"lr": 2e-3, "batch_size": 8},
+}
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """``--task`` and the flags of its model and data, on the workers' command lines
+    (:mod:`benchmarks._elastic_worker`, :mod:`benchmarks._ft_worker`; this module forwards ``--task``)."""
+    p.add_argument("--task", choices=TASKS, default="digits", help="the digits MLP or the language model")
+    p.add_argument("--lr", type=float, default=None, help="AdamW's (peak) lr (default: digits 1e-3, lm 2e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="per replica (default: digits 32, lm 8)")
+    p.add_argument("--hidden", type=int, default=128, help="digits: the MLP's hidden width")
+    lm = p.add_argument_group("lm: examples/lm.py's GPT and StdlibText, at benchmarks/lm.py's size")
+    lm.add_argument("--d-model", type=int, default=64)
+    lm.add_argument("--n-layers", type=int, default=2)
+    lm.add_argument("--n-heads", type=int, default=2)
+    lm.add_argument("--seq-len", type=int, default=128)
+    lm.add_argument("--warmup", type=int, default=64, help="learning-rate warm-up steps (then a cosine)")
+    lm.add_argument("--max-bytes", type=int, default=8 << 20, help="training text, all replicas together")
+    lm.add_argument("--val-bytes", type=int, default=64 << 10, help="held-out text")
+
+
+#: the task in the printed header and the plots' titles, and the plots' y label
+TASK_TITLES = {
+    "digits": "digits MLP",
+    "lm": "byte-level GPT (d_model 64, 2 layers, seq_len 128), stdlib text",
+}
+TASK_YLABELS = {"digits": "validation loss", "lm": "validation loss (nats per byte)"}
+
+
+def task_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``--lr``/``--batch-size`` left out: the task's (:data:`TASK_DEFAULTS`)."""
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def kill_steps(steps: int, every: int, seed: int) -> list[int]:
@@ -101,7 +159,7 @@ def run_job(
         "--strategy", strategy, "--dir", str(directory), "--steps", str(args.steps),
         "--val-every", str(args.val_every), "--sync-timeout", str(args.sync_timeout),
         "--seed", str(args.seed), "--ckpt-every", str(args.ckpt_every),
-        "--step-sleep", str(args.step_sleep),
+        "--step-sleep", str(args.step_sleep), "--task", args.task,
     ]  # fmt: skip
     injected: list[dict[str, Any]] = []
     lost: list[int] = []
@@ -169,6 +227,7 @@ def run_job(
                 "world_size": r["world_size"],
                 "restart": r["restart"],
                 "val_loss": r["val_loss"],
+                **_given("val_bpb", r.get("val_bpb")),
             }
             for r in rows
             if r["rank"] == 0
@@ -215,6 +274,12 @@ def _kill_rows(
     return out
 
 
+def _given(key: str, value: Any) -> dict[str, Any]:
+    """``{key: value}`` when there is a value (``--task lm``'s bits per byte), else nothing: the
+    digits task's CSVs keep their columns."""
+    return {} if value is None else {key: value}
+
+
 def _final(job: dict[str, Any]) -> dict[str, Any]:
     """Final loss (rank 0's result), whether every rank ended with the same weights, restarts."""
     results = job["results"]
@@ -227,6 +292,7 @@ def _final(job: dict[str, Any]) -> dict[str, Any]:
     )
     return {
         "final_val_loss": r0["final_val_loss"],
+        "final_val_bpb": r0.get("final_val_bpb"),
         "steps": r0["steps"],
         "world_size": r0["world_size"],
         "weights_agree": len({r["sha256"] for r in results}) == 1,
@@ -254,6 +320,7 @@ def summarize(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any
                 continue
             fin = _final(job)
             row[f"{run}_val_loss"] = fin["final_val_loss"]
+            row.update(_given(f"{run}_val_bpb", fin["final_val_bpb"]))
             row[f"{run}_wall_s"] = job["wall_s"]
             row[f"{run}_weights_agree"] = fin["weights_agree"]
             row["elastic"] = fin["elastic"]
@@ -284,10 +351,13 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def print_table(summary: list[dict[str, Any]]) -> None:
-    """The summary as a table: losses, wall times, seconds to resume, steps redone."""
+    """The summary as a table: losses, wall times, seconds to resume, steps redone (``--task lm``:
+    and the losses in bits per byte)."""
+    bpb = any("free_val_bpb" in s or "faults_val_bpb" in s for s in summary)
     head = (
         f"{'strategy':<10} {'loss free':>9} {'w/ fails':>9} {'ratio':>6} {'wall free':>9} {'w/ fails':>9} "
         f"{'ratio':>6} {'kills':>5} {'new wkr s':>9} {'resume s':>8} {'recover s':>9} {'lost':>5} {'same w':>6}"
+        + (f" {'bpb free':>8} {'w/ fails':>8}" if bpb else "")
     )
     lines = [head, "-" * len(head)]
     for s in summary:
@@ -300,13 +370,20 @@ def print_table(summary: list[dict[str, Any]]) -> None:
             f"{s['wall_ratio']:>6.2f} {s['faults_kills']:>5} {_fmt(s['faults_new_worker_s'], '.1f'):>9} "
             f"{_fmt(s['faults_resume_s'], '.1f'):>8} {_fmt(s['faults_recover_s'], '.1f'):>9} "
             f"{s['faults_steps_lost']:>5} {'yes' if s['faults_weights_agree'] else 'NO':>6}"
+            + (
+                f" {_fmt(s.get('free_val_bpb'), '.4f'):>8} {_fmt(s.get('faults_val_bpb'), '.4f'):>8}"
+                if bpb
+                else ""
+            )
         )
     if any("lose_node_val_loss" in s for s in summary):
         lines.append("\nnode lost (agent + worker, kill -9), the job continues on the survivors:")
         for s in summary:
             if "lose_node_val_loss" in s:
                 lines.append(
-                    f"{s['strategy']:<10} val loss {s['lose_node_val_loss']:.4f}, wall {s['lose_node_wall_s']:.1f} s, "
+                    f"{s['strategy']:<10} val loss {s['lose_node_val_loss']:.4f}"
+                    + (f" ({s['lose_node_val_bpb']:.4f} bpb)" if "lose_node_val_bpb" in s else "")
+                    + f", wall {s['lose_node_wall_s']:.1f} s, "
                     f"new workers after {_fmt(s['lose_node_new_worker_s'], '.1f')} s, resumed after "
                     f"{_fmt(s['lose_node_resume_s'], '.1f')} s, {s['lose_node_steps_lost']} steps redone, "
                     f"world size at the end {s['lose_node_world_size_end']}"
@@ -317,11 +394,14 @@ def print_table(summary: list[dict[str, Any]]) -> None:
         "their workers, re-rendezvous); resume s: kill -> first step done after the restart; recover s: kill "
         "-> back past the step reached before it; lost: steps redone (all failures); same w: every rank ends "
         "with identical weights"
+        + ("; loss in nats per byte (lm), bpb: the same in bits per byte" if bpb else "")
     )
     print("\n".join(lines))
 
 
-def plot(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str) -> None:
+def plot(
+    jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str, ylabel: str = "validation loss"
+) -> None:
     """Validation loss vs seconds since the job started, one panel per strategy, kills as lines."""
     import matplotlib
 
@@ -355,7 +435,7 @@ def plot(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str) ->
                 ax.axvline(k["time_s"], color=color, alpha=0.5, linewidth=1, label=None if n else what)
         ax.set_title(strategy)
         ax.set_xlabel("seconds since the job started")
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -436,6 +516,7 @@ def run_ft_job(
         sys.executable, str(FT_WORKER), "--dir", str(directory), "--groups", str(groups),
         "--steps", str(args.steps), "--val-every", str(args.val_every), "--sync-every", str(args.ft_sync_every),
         "--sync-timeout", str(args.sync_timeout), "--seed", str(args.seed), "--step-sleep", str(args.step_sleep),
+        "--task", args.task,
     ]  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -498,6 +579,7 @@ def run_ft_job(
                 "group": r["group"],
                 "life": r["life"],
                 "val_loss": r["val_loss"],
+                **_given("val_bpb", r.get("val_bpb")),
             }
             for r in rows
         ],
@@ -724,6 +806,7 @@ def summarize_ft(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, 
                 "throughput_kept": (_train_wall(free) / _train_wall(job)) if free_ok else None,
                 "throughput_kept_launch": (free["wall_s"] / job["wall_s"]) if free_ok else None,
                 "final_val_loss": res[0]["final_val_loss"],
+                **_given("final_val_bpb", res[0].get("final_val_bpb")),
                 "loss_vs_free": (res[0]["final_val_loss"] / _final_ft(free)) if free_ok else None,
                 "groups_finished": len(res),
                 "weights_agree": len({r["sha256"] for r in res}) == 1,
@@ -808,6 +891,7 @@ def _torchrun_rows(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str
                 "throughput_kept": _train_wall(free) / _train_wall(job),
                 "throughput_kept_launch": free["wall_s"] / job["wall_s"],
                 "final_val_loss": fin["final_val_loss"],
+                **_given("final_val_bpb", fin["final_val_bpb"]),
                 "loss_vs_free": fin["final_val_loss"] / fin_free["final_val_loss"],
                 "weights_agree": fin["weights_agree"],
                 "stall_death_median_s": _median([k["resume_s"] for k in kills]),
@@ -822,10 +906,13 @@ def _torchrun_rows(jobs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str
 
 
 def print_ft_table(rows: list[dict[str, Any]]) -> None:
-    """The fault-tolerant rows beside the torchrun rows, in one table."""
+    """The fault-tolerant rows beside the torchrun rows, in one table (``--task lm``: with the final
+    validation loss in bits per byte)."""
+    bpb = any("final_val_bpb" in r for r in rows)
     head = (
         f"{'row':<30} {'kills':>5} {'wall s':>7} {'train s':>7} {'kept':>6} {'val loss':>8} {'vs free':>7} "
-        f"{'stall med':>9} {'max':>6} {'rejoin med':>10} {'max':>6} {'restart->train med':>18} {'max':>6} "
+        + (f"{'val bpb':>7} " if bpb else "")
+        + f"{'stall med':>9} {'max':>6} {'rejoin med':>10} {'max':>6} {'restart->train med':>18} {'max':>6} "
         f"{'not comm.':>9} {'work':>5} {'heal MB':>8} {'recv MB':>8} {'same w':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -838,7 +925,8 @@ def print_ft_table(rows: list[dict[str, Any]]) -> None:
             f"{r['row']:<30} {r['kills']:>5} {r['wall_s']:>7.1f} {r['train_wall_s']:>7.1f} "
             f"{_fmt(r.get('throughput_kept'), '.3f'):>6} "
             f"{r['final_val_loss']:>8.4f} {_fmt(r.get('loss_vs_free'), '.3f'):>7} "
-            f"{_fmt(r.get('stall_death_median_s'), '.2f'):>9} {_fmt(r.get('stall_death_max_s'), '.2f'):>6} "
+            + (f"{_fmt(r.get('final_val_bpb'), '.4f'):>7} " if bpb else "")
+            + f"{_fmt(r.get('stall_death_median_s'), '.2f'):>9} {_fmt(r.get('stall_death_max_s'), '.2f'):>6} "
             f"{_fmt(r.get('stall_rejoin_median_s'), '.2f'):>10} {_fmt(r.get('stall_rejoin_max_s'), '.2f'):>6} "
             f"{_fmt(r.get('restart_to_train_median_s'), '.1f'):>18} {_fmt(r.get('restart_to_train_max_s'), '.1f'):>6} "
             f"{_fmt(r.get('rounds_not_committed'), 'd'):>9} {_fmt(r.get('work_kept'), '.2f'):>5} {_fmt(heal / 1e6 if heal else None, '.3f'):>8} {_fmt(recv / 1e6 if recv else None, '.3f'):>8} "
@@ -855,11 +943,14 @@ def print_ft_table(rows: list[dict[str, Any]]) -> None:
         "committed average (the failure-free run's start-up included); "
         "heal MB: CommStats purpose 'heal', bytes sent, all lives and groups (torchrun rows: checkpoint bytes, if "
         "counted); recv MB: what the healed groups received (the start-up's heals included)"
+        + ("; val loss: nats per byte of text (lm), val bpb: the same in bits per byte" if bpb else "")
     )
     print("\n".join(lines))
 
 
-def plot_ft(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str) -> None:
+def plot_ft(
+    jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str, ylabel: str = "validation loss"
+) -> None:
     """Validation loss vs seconds since launch, one panel per faulty fault-tolerant run (the
     failure-free run in each as the reference); kills as vertical lines, the restarted group
     training again as ticks."""
@@ -909,11 +1000,11 @@ def plot_ft(jobs: dict[tuple[str, str], dict[str, Any]], path: Path, title: str)
                     )
         ax.set_title(f"{FT}: {job['run']} ({len(job.get('injected', []))} kills)")
         ax.set_xlabel("seconds since the first group started training")
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, int(16 * 5.8 * len(panels))), fontsize=9)  # fits the panels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -923,6 +1014,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="200 steps, one failure")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="digits",
+        help="what every row trains: the digits MLP, or examples/lm.py's byte-level GPT at benchmarks/lm.py's "
+        "size on the standard library's text (loss in nats per byte, and bits per byte)",
+    )
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {STRATEGIES}")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600, quick 200)")
     p.add_argument("--val-every", type=int, default=None, help="validation period (default 25, quick 20)")
@@ -1039,8 +1137,9 @@ def _write_ft(
     plot_ft(
         jobs,
         Path(f"{base}.png"),
-        f"{FT}: {args.groups} replica groups (one CPU process each, lighthouse + launcher restarts), "
-        f"{args.steps} steps, +{args.step_sleep:g} s/step; kills at steps {kills}; chaos: {chaos}",
+        f"{FT} on {TASK_TITLES[args.task]}: {args.groups} replica groups (one CPU process each, lighthouse + "
+        f"launcher restarts), {args.steps} steps, +{args.step_sleep:g} s/step; kills at steps {kills}; chaos: {chaos}",
+        TASK_YLABELS[args.task],
     )
     print(f"wrote {base}.csv, _failures.csv, _summary.csv, .png", file=sys.stderr)
 
@@ -1053,6 +1152,7 @@ def main(argv: list[str] | None = None) -> None:
     logs = args.out / "logs" / args.name
     logs.mkdir(parents=True, exist_ok=True)
     print(
+        f"{TASK_TITLES[args.task]}: "
         f"{len(args.strategies)} strategies x {runs}, {args.nodes} nodes (min {args.min_nodes}), "
         f"{args.steps} steps, failures at steps {kills}"
         + (f", step sleep {args.step_sleep} s" if args.step_sleep else "")
@@ -1111,8 +1211,9 @@ def main(argv: list[str] | None = None) -> None:
     plot(
         jobs,
         args.out / f"{args.name}.png",
-        f"{args.nodes} torchrun agents (min {args.min_nodes}), one CPU worker each, {args.steps} steps; "
-        f"vertical lines: kill -9 (steps {kills})",
+        f"{TASK_TITLES[args.task]}: {args.nodes} torchrun agents (min {args.min_nodes}), one CPU worker each, "
+        f"{args.steps} steps; vertical lines: kill -9 (steps {kills})",
+        TASK_YLABELS[args.task],
     )
     print(f"wrote {args.out / args.name}.csv, _kills.csv, _summary.csv, .png", file=sys.stderr)
 
