@@ -272,6 +272,47 @@ def _manager_server_bound_to(host: str) -> Any:
             tm.ManagerServer = real
 
 
+class _CountingWriter:
+    """A binary file's ``write`` that counts the bytes written (the rest passes through)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def write(self, data: Any) -> Any:
+        self.count += memoryview(data).nbytes
+        return self.raw.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+class _CountingReader:
+    """A binary file's ``read``/``readinto``/``readline`` that count the bytes read."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def read(self, *args: Any) -> Any:
+        data = self.raw.read(*args)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> Any:
+        n = self.raw.readinto(buffer)
+        self.count += n or 0
+        return n
+
+    def readline(self, *args: Any) -> Any:
+        data = self.raw.readline(*args)
+        self.count += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
 def _bound_http_transport(timeout: timedelta, host: str) -> Any:
     """torchft's ``HTTPTransport`` serving on ``host`` (torchft: every interface) and advertising
     ``host`` (torchft: ``socket.gethostname()``), loading checkpoints with ``weights_only=True``."""
@@ -296,11 +337,40 @@ def _bound_http_transport(timeout: timedelta, host: str) -> Any:
             first.shutdown()
             self._thread.join()
             first.server_close()
-            self._server = _Server((host, 0), handler)
+            self._served = 0
+            self._served_lock = threading.Lock()
+            transport = self
+
+            class CountingHandler(handler):  # type: ignore[misc, valid-type]
+                """torchft's handler; the bytes of every response body are counted (one per healer)."""
+
+                def do_GET(self) -> None:
+                    raw: Any = self.__dict__["wfile"]  # set by the request's setup()
+                    counted = _CountingWriter(raw)
+                    self.wfile = counted
+                    try:
+                        super().do_GET()
+                    finally:
+                        self.wfile = raw
+                        transport.add_served(counted.count)
+
+            self._server = _Server((host, 0), CountingHandler)
             self._thread = threading.Thread(target=self._serve, daemon=True, name="ft-checkpoint-http")
             self._thread.start()
             #: seconds of the last checkpoint fetched from a peer (HTTP and deserialisation)
             self.last_fetch_seconds: float | None = None
+            #: bytes of the last checkpoint fetched from a peer (the response body)
+            self.last_fetch_bytes: int | None = None
+
+        def add_served(self, nbytes: int) -> None:
+            with self._served_lock:
+                self._served += nbytes
+
+        def take_served(self) -> int:
+            """Bytes served to healers since the last call."""
+            with self._served_lock:
+                served, self._served = self._served, 0
+            return served
 
         def address(self) -> str:
             port = self._server.socket.getsockname()[1]
@@ -311,8 +381,10 @@ def _bound_http_transport(timeout: timedelta, host: str) -> Any:
 
             t0 = time.perf_counter()
             with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
-                state = _streaming_load(f, weights_only=True)
+                counted = _CountingReader(f)
+                state = _streaming_load(counted, weights_only=True)
             self.last_fetch_seconds = time.perf_counter() - t0
+            self.last_fetch_bytes = counted.count
             return state
 
     return BoundHTTPTransport()
@@ -433,7 +505,7 @@ class RoundInfo:
         healed: this group received its state from a peer in this quorum (it contributes zero
             weight to this round's reductions).
         healed_from_step: the step of the state received (None without a heal).
-        heal_bytes: bytes of tensors received to heal (0 without a heal).
+        heal_bytes: bytes received to heal: the checkpoint's response body (0 without a heal).
         heal_fetch_seconds: seconds of the checkpoint's transfer from the peer (None without a heal).
         errored: the quorum's reconfiguration or the heal failed: this round will not commit.
         seconds: wall time of the quorum (and the heal).
@@ -552,12 +624,21 @@ class ManagedCommunicator:
     # ----------------------------------------------------------------- healing state
     def _save(self) -> dict[str, Any]:
         user = self._user_state_dict() if self._user_state_dict is not None else None
-        self.stats.record("heal_send", "heal", _tensor_bytes(user), 0, 1, 0.0)
         return {"step": int(self.manager.current_step()), "user": user}
+
+    def _count_served(self) -> None:
+        """Count what the checkpoint server sent to healers since the last call: the bytes on the
+        wire, once per healer (torchft builds the state once and serves it to every healer)."""
+        take = getattr(self.manager._checkpoint_transport, "take_served", None)
+        served = int(take()) if take is not None else 0
+        if served:
+            self.stats.record("heal_send", "heal", served, 0, 1, 0.0)
 
     def _load(self, state: dict[str, Any]) -> None:
         self._healed_from = int(state["step"])
-        self._heal_bytes = _tensor_bytes(state["user"])
+        # the bytes on the wire (as the sender counts them), else the tensors' bytes
+        fetched = getattr(self.manager._checkpoint_transport, "last_fetch_bytes", None)
+        self._heal_bytes = int(fetched) if fetched else _tensor_bytes(state["user"])
         if self._user_load_state_dict is not None:
             self._user_load_state_dict(state["user"])
 
@@ -601,6 +682,7 @@ class ManagedCommunicator:
                 f"{self.manager.current_step()}: {type(exc).__name__}: {exc}"
             ) from exc
         seconds = time.perf_counter() - t0
+        self._count_served()
         self._in_round = True
         errored = self.manager.errored() is not None
         healed = self._healed_from is not None
@@ -715,6 +797,7 @@ class ManagedCommunicator:
         finally:
             self._in_round = False
             self.stats.record("should_commit", "control", 0, 0, 1, time.perf_counter() - t0)
+            self._count_served()  # healers fetch while the round runs, until the vote
         if self._round is not None:
             self.history.append((self._round, ok))
             del self.history[:-1000]

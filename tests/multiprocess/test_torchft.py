@@ -326,7 +326,8 @@ def test_a_kill_between_syncs_and_a_death_in_the_round(tmp_path: Path) -> None:
     assert len(after_kill) == 1 and after_kill[0]["committed"] and after_kill[0]["participants"] == 2
     second1 = [r for r in logs[1] if r["pid"] == pids[1][1] and r["event"] == "round"]
     assert second1[0]["healed"] and second1[0]["healed_from_step"] == second1[0]["step"] >= killed["step"]
-    assert second1[0]["heal_bytes"] == 2 * worker.DIM * 8
+    # the response body: the tensors (2 of DIM float64) and the serialisation around them
+    assert 2 * worker.DIM * 8 <= second1[0]["heal_bytes"] < 2 * worker.DIM * 8 + 4096
     assert 1 not in dict(rounds)[second1[0]["step"]] and 1 in dict(rounds)[second1[0]["step"] + 1]
 
     # 2. the death in the round: rolled back by both others, then the step redone without group 0

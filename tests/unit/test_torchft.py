@@ -154,3 +154,30 @@ def test_rounds_of_one_group() -> None:
     finally:
         comm.close()
         server.shutdown()
+
+
+def test_the_checkpoint_transport_counts_the_bytes_it_serves_and_fetches() -> None:
+    """Heal traffic on the wire: the server counts each response (once per healer: the status line,
+    the headers and the body), the fetcher the body it read."""
+    import time
+    from datetime import timedelta
+
+    transport = ft._bound_http_transport(timedelta(seconds=5), "127.0.0.1")
+    try:
+        state = {"w": torch.arange(100, dtype=torch.float32), "step": 7}
+        transport.send_checkpoint([1, 2], step=3, state_dict=state, timeout=timedelta(seconds=5))
+        for _ in range(2):  # two healers fetch the same checkpoint
+            got = transport.recv_checkpoint(0, transport.metadata(), 3, timedelta(seconds=5))
+            assert torch.equal(got["w"], state["w"]) and got["step"] == 7
+        fetched = transport.last_fetch_bytes
+        assert fetched is not None and fetched >= 400  # the tensor and its serialisation
+        served, deadline = 0, time.monotonic() + 5
+        while served < 2 * fetched and time.monotonic() < deadline:  # the handler counts after its reply
+            served += transport.take_served()
+            time.sleep(0.01)
+        time.sleep(0.05)
+        served += transport.take_served()
+        assert 2 * fetched <= served <= 2 * (fetched + 512)  # two bodies and two short header blocks
+        assert transport.take_served() == 0  # taken once
+    finally:
+        transport.shutdown()
