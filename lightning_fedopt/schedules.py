@@ -224,7 +224,8 @@ class AutoSync(SyncSchedule):
         budget: the largest share of the wall time spent in synchronisation, in (0, 1).
         low, high: bounds of ``H`` (``1 <= low <= high``).
         probe: ``H`` until the first measurement (>= 1).
-        remeasure_every: synchronisations between measurements (None: once).
+        remeasure_every: synchronisations between measurements (None: once); default 4: the first
+            measurement holds the link's and the loop's warm-up, and links change.
 
     Example:
         >>> auto = AutoSync(budget=0.05, probe=4)
@@ -243,7 +244,7 @@ class AutoSync(SyncSchedule):
         low: int = 1,
         high: int = 1000,
         probe: int = 8,
-        remeasure_every: int | None = None,
+        remeasure_every: int | None = 4,
     ) -> None:
         self.budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True, high_open=True)
         self.low = check_int("low", low, low=1, high=10**6)

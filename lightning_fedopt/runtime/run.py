@@ -79,6 +79,11 @@ class ReplicaRun:
     checked_step: int | None = None
     #: inside an automatic optimizer step (Lightning has not counted the step yet)
     in_step: bool = False
+    #: ``sync_every="auto"``: wall seconds between consecutive step ends without a synchronisation
+    #: in between, this round (the loop's own time included: data, logging)
+    step_walls: list[float] = dataclasses.field(default_factory=list)
+    #: ``sync_every="auto"``: when the last step ended (after its synchronisation, if any)
+    last_step_end: float | None = None
 
     # ------------------------------------------------------------------ the step's life
     def end_step(self) -> None:
@@ -93,6 +98,21 @@ class ReplicaRun:
             self.effective_history.append(self.counts.effective_steps)
         self.counts.effective_steps = 0
         self.round_compute = 0.0
+        self.step_walls.clear()
+
+    def note_step_end(self, now: float) -> None:
+        """``sync_every="auto"``: a step ended at ``now`` (before any synchronisation after it)."""
+        if self.last_step_end is not None:
+            self.step_walls.append(now - self.last_step_end)
+
+    def step_seconds(self) -> float | None:
+        """The median wall time of this round's steps (None before two steps): robust to the slow
+        first steps of a fit and to an occasional validation."""
+        if not self.step_walls:
+            return None
+        walls = sorted(self.step_walls)
+        mid = len(walls) // 2
+        return walls[mid] if len(walls) % 2 else 0.5 * (walls[mid - 1] + walls[mid])
 
     def note_nonfinite(self, excluded: int, local: bool, rank: int) -> None:
         """Record a synchronisation that excluded ``excluded`` replicas with non-finite weights."""

@@ -784,12 +784,17 @@ class ReplicaStrategy(CountedDDPStrategy):
     def _end_step(self) -> None:
         self.consensus.invalidate()
         self.run.end_step()
+        auto = isinstance(self.schedule, AutoSync)
+        if auto:
+            self.run.note_step_end(time.perf_counter())
         if self.schedule.should_sync(self.run.counts.replica_step):
             self._run_sync()
         if self.final_sync_enabled and is_last_training_step(self._current_trainer(), self.lightning_module):
             # close training in its last step, before that step's validation and checkpoints
             self._close_training(self.final_sync)
             self.run.closed = True
+        if auto:  # the next step's wall time starts after this step's synchronisation
+            self.run.last_step_end = time.perf_counter()
 
     def _run_sync(self) -> None:
         seconds_before = self.comms.stats.seconds
@@ -798,11 +803,12 @@ class ReplicaStrategy(CountedDDPStrategy):
         counts = self.run.counts
         counts.sync_count += 1
         if isinstance(self.schedule, AutoSync) and self.schedule.wants_measurement(counts.sync_count):
+            # a step's wall time: the median interval between step ends (the loop's own time in it,
+            # the slow first steps of a fit out of it); the optimizer steps' mean before two steps
+            step_seconds = self.run.step_seconds() or compute / max(computed, 1)
             info = {
                 **info,
-                **self._choose_sync_every(
-                    compute / max(computed, 1), self.comms.stats.seconds - seconds_before
-                ),
+                **self._choose_sync_every(step_seconds, self.comms.stats.seconds - seconds_before),
             }
         counts.steps_since_sync = 0
         counts.samples_since_sync = 0
