@@ -168,6 +168,16 @@ def print_goals(summary: list[dict[str, Any]], n: int) -> None:
             f"  {name}: time to DDP's final val loss {mine:.1f}s vs ddp {ddp:.1f}s: {ddp / mine:.2f}x shorter "
             f"(goal >= 5x at 4 replicas, 100 Mbit/s; this run: {n} replicas, {mode}){vs_pls}"
         )
+    for auto in [k for k in dict.fromkeys(s["strategy"] for s in summary) if k.endswith("_auto")]:
+        step, own = mean(auto, "mean_step_ms"), mean(auto, "median_nonsync_step_ms")
+        steps, syncs = mean(auto, "steps"), mean(auto, "syncs")
+        if step and own and syncs:
+            share = max(0.0, 1 - own / step)
+            verdict = "MET" if abs(share - 0.05) <= 0.02 else "NOT met"
+            print(
+                f"  {auto}: mean H {steps / syncs:.1f} ({syncs:.0f} syncs in {steps:.0f} steps), communication share "
+                f"{share:.3f} of the step (1 - step without a sync / mean step; goal 0.05 +- 0.02: {verdict}; {mode})"
+            )
     co2, ref = mean("co2", "mean_step_ms"), mean("co2", "compute_only_step_ms")
     if co2 is not None and ref:
         verdict = "MET" if co2 <= 1.1 * ref else "NOT met"

@@ -80,6 +80,10 @@ def _post_local_sgd(period: int, warmup_steps: int) -> Callable[[], Any]:
 #: name -> (description, factory): the rows of the language-model comparison, in the default order
 ROWS: dict[str, Row] = {
     "ddp": rows.STRATEGIES["ddp"],
+    "ddp_muon": (
+        "Lightning DDP with Muon inside (LanguageModel(optimizer='muon')) [baseline of the Muon rows]",
+        rows.STRATEGIES["ddp"][1],
+    ),
     "post_local_sgd": (
         "PyTorch post-local SGD: DDP for 64 steps, then PeriodicModelAverager(period=16) [baseline]",
         _post_local_sgd(16, 64),
@@ -108,6 +112,10 @@ ROWS: dict[str, Row] = {
         lf_row("SparseLoCoStrategy", sync_every=16),
     ),
     "sparseloco_h32": ("SparseLoCoStrategy(sync_every=32)", lf_row("SparseLoCoStrategy", sync_every=32)),
+    "diloco_auto": (
+        "DiLoCoStrategy(sync_every='auto'): H chosen from the measured step and link for a 5% communication budget",
+        lf_row("DiLoCoStrategy", sync_every="auto"),
+    ),
     "desloc_h16": (
         "DESLOCStrategy(sync_every=16, moment_periods=(3, 6)): exp_avg every 48, exp_avg_sq every 96 steps",
         lf_row("DESLOCStrategy", sync_every=16, moment_periods=(3, 6)),
@@ -163,7 +171,11 @@ FOUR_RANK_ROWS = ("ddp", "post_local_sgd", "diloco_h64", "diloco_int4", "co2", "
 SUITE = Suite(
     strategies=ROWS,
     extra={**SWEEP, **LONG_SWEEP},
-    model_kwargs={"muloco_h32": {"optimizer": "muon"}, "diloco_muon_h16": {"optimizer": "muon"}},
+    model_kwargs={
+        "muloco_h32": {"optimizer": "muon"},
+        "diloco_muon_h16": {"optimizer": "muon"},
+        "ddp_muon": {"optimizer": "muon"},
+    },
     worker_module="benchmarks.lm",
     quick=QUICK,
     prog="python -m benchmarks.lm",
@@ -239,14 +251,20 @@ def _work(args: argparse.Namespace) -> None:
         )
 
     def data() -> Any:
-        return StdlibText(
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            iid=args.iid,
-            seed=args.seed,
-            max_bytes=args.max_bytes,
-            val_bytes=args.val_bytes,
-        )
+        kwargs = {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "iid": args.iid,
+            "seed": args.seed,
+            "max_bytes": args.max_bytes,
+            "val_bytes": args.val_bytes,
+        }
+        if args.worker == SINGLE_PAR and args.copies > 1:
+            # a replica that never talks: copy i trains on the share replica i of the run reads
+            from benchmarks._elastic_worker import ShardedText
+
+            return ShardedText((args.copy_index, args.copies), **kwargs)
+        return StdlibText(**kwargs)
 
     _worker.train_module(args, SUITE, model, data, gradient_clip_val=1.0)
 
@@ -462,7 +480,8 @@ def long_runner(args: argparse.Namespace) -> None:
             if not best:
                 print(f"\nouter sweep at {n} replicas, seed {seed}: final val bpb")
                 for h in LONG_H:
-                    best[h] = min(LONG_LRS, key=lambda lr, h=h: _final_bpb(got[_long_name(h, lr)]))
+                    scores = {lr: _final_bpb(got[_long_name(h, lr)]) for lr in LONG_LRS}
+                    best[h] = min(LONG_LRS, key=scores.__getitem__)
                     for lr in LONG_LRS:
                         mark = "  <- best" if lr == best[h] else ""
                         print(f"  H={h:<3} lr {lr:<4g} {_final_bpb(got[_long_name(h, lr)]):.4f}{mark}")

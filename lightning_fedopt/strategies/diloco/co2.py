@@ -22,6 +22,18 @@ this package's own heuristic (not the paper's formula, which could not be checke
 :class:`CO2OuterOptimizer`). The other defaults follow the released code too: ``alpha=1``
 (``outer_lr``), ``H=48`` (fairscale-CO2's ``outer_frequency``), clipping at 1.0 (the 4-GPU example),
 and the outer momentum ``beta`` by world size when not given (:func:`co2_outer_momentum`).
+
+What the staleness costs: each round restarts from outer weights that lack the round still in
+flight, so it measures much of that round's progress again, and both are applied, one round apart
+(``phi_{t+1} = phi_t + P(phi_{t-1})`` at ``alpha=1, beta=0``, ``P`` a round's mean progress): in the
+directions a round's inner steps settle, the outer weights swing around the minimum instead of
+reaching it. It is not "the synchronous average one round late": on the language-model benchmark
+(4 replicas, H=16, 2048 steps, bits per byte) CO2 at the defaults ends at 3.38 where the synchronous
+average (DiLoCo with outer SGD lr 1, no momentum) ends at 2.79, replicas that never talk at 2.93 and
+DiLoCo (Nesterov 0.9/0.9) at 2.51; ``outer_lr=0.7`` gives 3.07 (2.79 and 3.07 from a
+single-process re-run of the same model, data and schedule, which reproduces the benchmark's 3.38
+and 2.51 to 0.001). The clip (1.0) and the constant penalty (1.0) do not act there (the outer
+momentum stays below 0.04). See docs/algorithms.md.
 """
 
 from __future__ import annotations
