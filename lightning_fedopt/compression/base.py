@@ -44,7 +44,9 @@ __all__ = [
     "check_block",
     "check_input",
     "check_unit",
+    "pack_codes",
     "stable_seed",
+    "unpack_codes",
 ]
 
 
@@ -132,6 +134,33 @@ class CompressionTotals:
             out.excluded_nonfinite += t.excluded_nonfinite
             out.calls += t.calls
         return out
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Codes (``uint8``, each below ``2**bits``; ``bits`` 1, 2, 4 or 8) packed ``8 // bits`` to a
+    byte, the first code in the lowest bits; the last byte is padded with zero codes.
+
+    Example:
+        >>> pack_codes(torch.tensor([1, 2, 3, 0, 1], dtype=torch.uint8), 2)
+        tensor([57,  1], dtype=torch.uint8)
+    """
+    per = 8 // bits
+    if per == 1:
+        return codes
+    pad = -codes.numel() % per
+    q = torch.cat([codes, codes.new_zeros(pad)]).view(-1, per).to(torch.int32)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (q << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, n: int, bits: int) -> Tensor:
+    """The first ``n`` codes of :func:`pack_codes`'s bytes, as int64."""
+    per = 8 // bits
+    if per == 1:
+        return packed[:n].long()
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    q = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(-1)[:n].long()
 
 
 def stable_seed(*parts: Any) -> int:

@@ -27,7 +27,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float, check_int
-from lightning_fedopt.compression.base import Compressor, Payload
+from lightning_fedopt.compression.base import Compressor, Payload, pack_codes, unpack_codes
 
 __all__ = ["SparseLoCo"]
 
@@ -195,23 +195,6 @@ class SparseLoCo(Compressor):
         table = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
         return codes, table + mu
 
-    def _pack(self, codes: Tensor) -> Tensor:
-        per = 8 // self.bits
-        if per == 1:
-            return codes
-        pad = -codes.numel() % per
-        q = torch.cat([codes, codes.new_zeros(pad)]).view(-1, per).to(torch.int32)
-        shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * self.bits
-        return (q << shifts).sum(dim=1).to(torch.uint8)
-
-    def _unpack(self, packed: Tensor, k: int) -> Tensor:
-        per = 8 // self.bits
-        if per == 1:
-            return packed[:k].long()
-        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * self.bits
-        q = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (self.levels - 1)
-        return q.reshape(-1)[:k].long()
-
     # ------------------------------------------------------------------ Compressor
     @override
     def _compress(self, x: Tensor, key: str, salt: int) -> tuple[list[Tensor], None]:
@@ -226,13 +209,13 @@ class SparseLoCo(Compressor):
         codes, levels = self._quantize(a[pos])
         if self.error_feedback:
             a[pos] -= levels[codes.long()]
-        return [local.to(torch.int16), self._pack(codes), levels], None
+        return [local.to(torch.int16), pack_codes(codes, self.bits), levels], None
 
     def _decoded(self, p: Payload, starts: Tensor) -> tuple[Tensor, Tensor]:
         """Positions (int64) and values (fp32) of one message."""
         local, packed, levels = p.tensors
         pos = starts + local.long()
-        return pos, levels.float()[self._unpack(packed, local.numel())]
+        return pos, levels.float()[unpack_codes(packed, local.numel(), self.bits)]
 
     @override
     def _decompress_sum(self, payloads: list[Payload]) -> Tensor:

@@ -57,7 +57,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedopt._validate import check_bool, check_choice, check_float
-from lightning_fedopt.compression.base import Compressor, Payload
+from lightning_fedopt.compression.base import Compressor, Payload, pack_codes, unpack_codes
 
 __all__ = ["BITS", "StatQuant", "statistical_quantize"]
 
@@ -146,22 +146,11 @@ class StatQuant(Compressor):
     def pack(self, codes: Tensor) -> Tensor:
         """Codes (``uint8``, each below ``2**bits``) packed ``8 // bits`` to a byte, the first code
         in the lowest bits; the last byte is padded with zero codes."""
-        per = 8 // self.bits
-        if per == 1:
-            return codes
-        pad = -codes.numel() % per
-        q = torch.cat([codes, codes.new_zeros(pad)]).view(-1, per).to(torch.int32)
-        shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * self.bits
-        return (q << shifts).sum(dim=1).to(torch.uint8)
+        return pack_codes(codes, self.bits)
 
     def unpack(self, packed: Tensor, n: int) -> Tensor:
         """The first ``n`` codes of :meth:`pack`'s bytes, as int64."""
-        per = 8 // self.bits
-        if per == 1:
-            return packed[:n].long()
-        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * self.bits
-        q = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (self.levels - 1)
-        return q.reshape(-1)[:n].long()
+        return unpack_codes(packed, n, self.bits)
 
     # ------------------------------------------------------------------ Compressor
     @override

@@ -57,6 +57,11 @@ _OUTER_DEFAULTS: dict[str, Any] = {"lr": 1.0, "momentum": 0.0, "nesterov": False
 _REFUSED: dict[str, Any] = {"fragments": 1, "fragment_layout": "auto", "sync_delay": 0, "mixing": 0.0}
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """``value`` is the plain number or string ``default`` (not a bool, tensor or other object)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool) and value == default
+
+
 class SparseLoCoStrategy(DiLoCoStrategy):
     """SparseLoCo: DiLoCo with an error-feedback, chunked top-k, 2-bit pseudo-gradient and a plain
     SGD outer step (the registered name ``"sparseloco"``).
@@ -107,7 +112,7 @@ class SparseLoCoStrategy(DiLoCoStrategy):
         **kwargs: Any,
     ) -> None:
         for name, default in _REFUSED.items():
-            if name in kwargs and kwargs.pop(name) != default:
+            if name in kwargs and not _is_default(kwargs.pop(name), default):
                 raise ValueError(
                     f"SparseLoCoStrategy does not take `{name}`: every tensor is synchronised every H steps "
                     "(use DiLoCoStrategy(compressor=SparseLoCo(...), fragments=...) for a streaming variant)"
