@@ -57,13 +57,12 @@ from benchmarks._agents import ENV_AGENT, process_start_time, write_progress
 from benchmarks._worker import digits_trainer, one_thread
 from benchmarks.faults import TASKS, add_task_args, task_defaults
 from examples.digits import DigitsClassifier, DigitsDataModule
-from examples.lm_data import ShareSampler, StdlibText, Windows, list_files, replica_shares, split_files
+from examples.lm_data import StdlibText
 
 __all__ = [
     "STRATEGIES",
     "FaultRecorder",
     "ShardedDigits",
-    "ShardedText",
     "final_metrics",
     "main",
     "make_strategy",
@@ -97,50 +96,6 @@ class ShardedDigits(DigitsDataModule):
             self.train_set, num_replicas=count, rank=index, shuffle=True, seed=self.seed
         )
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
-
-
-class ShardedText(StdlibText):
-    """The standard library's text, training on share ``index`` of ``count``
-    (:func:`~examples.lm_data.replica_shares`: the files a rank of that index reads in a world of
-    ``count``, and its sampling order) whatever Lightning's own rank and world size are; every shard
-    validates on the same held-out files. Bytes as tokens (no ``tokenizer``).
-
-    Args:
-        shard: ``(index, count)``.
-        kwargs: :class:`~examples.lm_data.StdlibText`'s.
-    """
-
-    def __init__(self, shard: tuple[int, int], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if self.tokenizer is not None:
-            raise ValueError("ShardedText reads bytes (tokenizer=None)")
-        self.shard = shard
-
-    @override
-    def setup(self, stage: str) -> None:
-        index, count = self.shard
-        files = list_files(self.root, self.suffix, self.include_tests)
-        train, val = split_files(files, self.seed, self.val_fraction, self.max_bytes, self.val_bytes)
-        shares = replica_shares(train, count, self.iid, self.seed)
-        self.train_files, self.val_files = shares[index], val
-        self.val_set = Windows(self._tokens(val), self.seq_len)
-        if stage == "fit":
-            self.train_set = Windows(self._tokens(self.train_files), self.seq_len)
-            # StdlibText's epoch: as many windows as the smallest share holds, for every shard
-            self.epoch_windows = max(
-                1, min((sum(s for _, s in share) + len(share) - 1) // self.seq_len for share in shares)
-            )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        sampler = ShareSampler(len(self.train_set), self.epoch_windows, self.seed, self.shard[0])
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
 
 
 def make_task(
@@ -178,7 +133,7 @@ def make_task(
         "max_bytes": args.max_bytes,
         "val_bytes": args.val_bytes,
     }
-    data = StdlibText(**kw) if shard is None else ShardedText(shard, **kw)
+    data = StdlibText(**kw, share=shard)
     return model, data
 
 

@@ -259,12 +259,9 @@ def _work(args: argparse.Namespace) -> None:
             "max_bytes": args.max_bytes,
             "val_bytes": args.val_bytes,
         }
-        if args.worker == SINGLE_PAR and args.copies > 1:
-            # a replica that never talks: copy i trains on the share replica i of the run reads
-            from benchmarks._elastic_worker import ShardedText
-
-            return ShardedText((args.copy_index, args.copies), **kwargs)
-        return StdlibText(**kwargs)
+        # a replica that never talks (single_par): copy i trains on the share replica i of the run reads
+        share = (args.copy_index, args.copies) if args.worker == SINGLE_PAR and args.copies > 1 else None
+        return StdlibText(**kwargs, share=share)
 
     _worker.train_module(args, SUITE, model, data, gradient_clip_val=1.0)
 

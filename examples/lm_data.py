@@ -167,6 +167,9 @@ class StdlibText(LightningDataModule):
         include_tests: also read the standard library's test suites.
         tokenizer: a Hugging Face tokenizer name or path (needs ``transformers``); None: bytes.
         num_workers: DataLoader workers.
+        share: ``(index, count)``: train on the share a rank of that index reads in a world of
+            ``count`` (its files and sampling order), whatever Lightning's own rank and world size
+            are (a replica group's id, a process that trains alone); None: Lightning's rank.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class StdlibText(LightningDataModule):
         include_tests: bool = False,
         tokenizer: str | None = None,
         num_workers: int = 0,
+        share: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -196,6 +200,11 @@ class StdlibText(LightningDataModule):
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        if share is not None:
+            index, count = share
+            if not (isinstance(count, int) and isinstance(index, int) and 0 <= index < count):
+                raise ValueError(f"`share` must be (index, count) with 0 <= index < count, got {share!r}")
+        self.share = share
         self.batch_size, self.seq_len, self.iid, self.seed = batch_size, seq_len, iid, seed
         self.max_bytes, self.val_bytes, self.val_fraction = max_bytes, val_bytes, val_fraction
         self.root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
@@ -217,8 +226,7 @@ class StdlibText(LightningDataModule):
         return torch.tensor(ids, dtype=torch.long)
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = self._rank_and_world()
         files = list_files(self.root, self.suffix, self.include_tests)
         train, val = split_files(files, self.seed, self.val_fraction, self.max_bytes, self.val_bytes)
         shares = replica_shares(train, world, self.iid, self.seed)
@@ -235,8 +243,15 @@ class StdlibText(LightningDataModule):
                 1, min((sum(s for _, s in share) + len(share) - 1) // unit for share in shares)
             )
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        """Whose share this replica trains on: ``share``, else Lightning's rank and world size."""
+        if self.share is not None:
+            return self.share
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        sampler = ShareSampler(len(self.train_set), self.epoch_windows, self.seed, self.trainer.global_rank)
+        sampler = ShareSampler(len(self.train_set), self.epoch_windows, self.seed, self._rank_and_world()[0])
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,

@@ -43,10 +43,12 @@ def test_each_group_trains_on_its_own_share_of_the_text() -> None:
 
     argv = ["--dir", "d", "--groups", "3", "--task", "lm", "--max-bytes", str(192 << 10)]
     args = _ft_worker.parse_args([*argv, "--val-bytes", str(8 << 10)])
-    datas: list[_elastic_worker.ShardedText] = []
+    from examples.lm_data import StdlibText
+
+    datas: list[StdlibText] = []
     for g in range(3):
         model, data = _elastic_worker.make_task(args, shard=(g, 3))
-        assert isinstance(data, _elastic_worker.ShardedText)
+        assert isinstance(data, StdlibText) and data.share == (g, 3)
         data.setup("fit")
         datas.append(data)
     assert isinstance(model, LanguageModel) and model.hparams["d_model"] == 64

@@ -224,3 +224,9 @@ def test_hugging_face_model():
     batch = torch.randint(0, 256, (2, 17))
     assert model(batch[:, :-1]).shape == (2, 16, 256)
     assert math.isfinite(float(model._loss(batch)))
+
+
+@pytest.mark.parametrize("share", [(3, 3), (-1, 2), (0, 0), (1.0, 2)])
+def test_a_share_out_of_range_is_refused(share):
+    with pytest.raises(ValueError, match="share"):
+        StdlibText(share=share)
