@@ -560,12 +560,10 @@ class DiLoCoStrategy(ReplicaStrategy):
                     sums[j] = sums[j] + n_valid * moved.to(sums[j].device)
             self._outer_step(fragment, idx, sums, n_valid, 1.0)
         alpha = self.mixing if fragment is not None and applied else 0.0
+        tensors = self.tracked_tensors()
         with torch.no_grad():
             for i in idx:
-                t, phi = (
-                    self.tracked_tensors()[i],
-                    self._outer_weights[i].to(self.tracked_tensors()[i].device),
-                )
+                t, phi = tensors[i], self._outer_weights[i].to(tensors[i].device)
                 t.copy_(phi + alpha * (t - phi) if alpha > 0 else phi)
         self._at_global = fragment is None and alpha == 0
         return {**numbers, "applied": float(applied)}
