@@ -4,6 +4,8 @@
     python -m benchmarks.project --params 1e9 --replicas 8 --link 1gbit --flops 2e14 --tokens-per-step 65536
     python -m benchmarks.project --params 1.2e8 --replicas 4 --link 100mbit --from benchmarks/results/lm_summary.csv
     python -m benchmarks.project --check benchmarks/results/lm_netns_100mbit_summary.csv
+    python -m benchmarks.project --check benchmarks/results/plan_netns_{10,100}mbit_summary.csv \
+        --overhead-from benchmarks/results/plan_netns_1000mbit_summary.csv
 
 The cost model itself (no torch) is the library's :mod:`lightning_fedopt.plan` (``Spec``,
 ``bytes_per_round``, ``round_seconds``, ``exposed_seconds``, ``predict``; the planner a user runs
@@ -31,7 +33,10 @@ the compute-only step time measured by :mod:`benchmarks.lm` (``--from`` a summar
 ``single_par`` rows) scaled by ``params`` and tokens per step. ``--check`` reads a summary CSV of a
 ``--netns`` run of :mod:`benchmarks.lm` and prints, for every run with a compute-only reference,
 the predicted mean step time (its compute-only step plus the model's exposed communication for the
-bytes the run counted) against the measured one.
+bytes the run counted) against the measured one. ``--overhead`` adds a fixed cost per round (the
+collective calls and the strategy's bookkeeping, beyond bytes and hops); ``--overhead-from`` fits
+it, per number of replicas, to the fixed-``H`` DiLoCo rounds of another run (e.g. one on a fast
+link), and the runs used for the fit are left out of the median.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import csv
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,7 @@ from lightning_fedopt.plan import (
     Spec,
     bytes_per_round,
     exposed_seconds,
+    fit_overhead,
     parse_rate,
     predict,
     round_seconds,
@@ -68,6 +74,7 @@ __all__ = [
     "bytes_per_round",
     "check",
     "exposed_seconds",
+    "fit_overheads",
     "main",
     "parse_rate",
     "predict",
@@ -87,7 +94,11 @@ SPECS: dict[str, Spec] = {
     "streaming_diloco": Spec("streaming", 64, fragments=4, delay=8),
     "co2": Spec("overlapped", 64),
     "noloco": Spec("p2p", 64),
+    # H chosen at run time: the run's own rounds per step (syncs / steps) stand for 1 / H
+    "diloco_auto": Spec("all_reduce", 1),
 }
+#: rows whose ``H`` changes during the run (``sync_every="auto"``)
+AUTO_ROWS = ("diloco_auto",)
 
 
 # ====================================================================== inputs
@@ -111,19 +122,66 @@ def _rate_of(mode: str) -> float | None:
     return parse_rate(mode.split("-", 1)[1].split()[0]) if mode.startswith("netns-") else None
 
 
+def _own_compute(r: Mapping[str, str], compute_from: str = "own") -> tuple[float, str]:
+    """A run's compute seconds per step and where they come from (see :func:`check`)."""
+    own = r.get("median_nonsync_step_ms") if compute_from == "own" else None
+    return float(own or r["compute_only_step_ms"]) / 1e3, "own" if own else "single_par"
+
+
+def fit_overheads(
+    paths: Sequence[str | Path], *, rate: str | None = None, latency: float = 0.0, efficiency: float = 1.0
+) -> tuple[dict[int, float], set[tuple[str, int, str, str]]]:
+    """The per-round overhead per number of replicas, fitted to the fixed-``H`` uncompressed DiLoCo
+    runs of summary CSVs (their measured seconds a round: the mean step's excess over the run's
+    own steps without a round, times steps per round; median over the runs of one world size), and
+    the ``(resolved path, world size, seed, row)`` of the runs used."""
+    fits: dict[int, list[float]] = {}
+    used: set[tuple[str, int, str, str]] = set()
+    for path, r in ((str(Path(p).resolve()), r) for p in paths for r in _read(p)):
+        name, spec = r["strategy"], SPECS.get(r["strategy"])
+        link = parse_rate(rate) if rate else _rate_of(r["mode"])
+        if (
+            spec is None
+            or not name.startswith("diloco_h")
+            or spec.kind != "all_reduce"
+            or spec.bytes_per_value != FP32
+            or link is None
+            or not r.get("median_nonsync_step_ms")
+            or int(r["syncs"]) == 0
+        ):
+            continue
+        n, steps, syncs = int(r["world_size"]), int(r["steps"]), int(r["syncs"])
+        compute, _ = _own_compute(r)
+        measured = (float(r["mean_step_ms"]) / 1e3 - compute) * steps / syncs
+        nbytes = float(r["sync_bytes_sent"]) / syncs
+        fits.setdefault(n, []).append(fit_overhead(measured, spec, nbytes, n, link, latency, efficiency))
+        used.add((path, n, r["seed"], name))
+    if not fits:
+        raise ValueError(
+            f"{list(paths)}: no fixed-H DiLoCo run with its own steps and a known rate to fit to"
+        )
+    return {n: statistics.median(v) for n, v in fits.items()}, used
+
+
 def check(
     path: str | Path,
     *,
     rate: str | None = None,
     latency: float = 0.0,
     efficiency: float = 1.0,
+    overhead: float | Mapping[int, float] = 0.0,
     compute_from: str = "own",
+    fitted: set[tuple[str, int, str, str]] | None = None,
+    label: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predicted vs measured mean step time for every run of a summary CSV that has a compute-only
     reference, a known rate (from its ``netns-<rate>`` mode, or ``rate``) and a :data:`SPECS` entry.
     Bytes per round: as counted by the run (sync bytes / syncs). Compute per step
     (``compute_from``): ``"own"``: the run's median step without a round where it has such steps
-    (not DDP), else ``"single_par"``'s mean step. Prints the table, returns its rows."""
+    (not DDP), else ``"single_par"``'s mean step. ``overhead``: seconds per round, or per number of
+    replicas (:func:`fit_overheads`); runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
+    and left out of the median. Prints the table (headed by ``label`` when given), returns its
+    rows."""
     out: list[dict[str, Any]] = []
     for r in _read(path):
         name, spec = r["strategy"], SPECS.get(r["strategy"])
@@ -134,10 +192,11 @@ def check(
         measured = float(r["mean_step_ms"]) / 1e3
         # the compute of a step: the run's own steps without a round where it has them (the CPU is
         # shared, so a reference measured at another moment drifts), else the compute-only reference
-        own = r.get("median_nonsync_step_ms") if compute_from == "own" else None
-        source = "own" if own else "single_par"
-        compute = float(own or r["compute_only_step_ms"]) / 1e3
+        compute, source = _own_compute(r, compute_from)
         syncs, sync_bytes = int(r["syncs"]), float(r["sync_bytes_sent"])
+        extra = overhead.get(n) if isinstance(overhead, Mapping) else overhead
+        if extra is None:
+            continue  # no overhead fitted at this number of replicas
         if spec.ddp_steps:  # rounds of two sizes (the DDP warm-up's gradients, then the averages)
             counted = None
         elif spec.kind == "streaming":  # its syncs are fragments: bytes per step times H
@@ -153,9 +212,12 @@ def check(
             compute,
             latency=latency,
             efficiency=efficiency,
+            overhead=extra,
             steps=steps,
             round_bytes=counted,
         )
+        if name in AUTO_ROWS:  # rounds of the run's own (changing) H: its rounds per step
+            p = Prediction(name, p.bytes_per_step, p.round_seconds, p.round_seconds * syncs / steps, compute)
         model_bytes = bytes_per_round(spec, params, n)
         out.append(
             {
@@ -172,6 +234,8 @@ def check(
                 "error_pct": 100 * (p.step_seconds / measured - 1),
                 "predicted_comm_share": p.comm_share,
                 "measured_comm_share": max(0.0, 1 - compute / measured),
+                "overhead_ms": 1e3 * extra,
+                "fit": (str(Path(path).resolve()), n, r["seed"], name) in (fitted or set()),
             }
         )
     if not out:
@@ -183,6 +247,8 @@ def check(
         f"{'N':>2} {'seed':>4} {'row':<18} {'round MB model':>14} {'counted':>8} {'compute ms':>17} "
         f"{'pred ms':>8} {'meas ms':>8} {'error':>7} {'pred comm':>9} {'meas comm':>9}"
     )
+    if label:
+        print(label)
     print(head + "\n" + "-" * len(head))
     for o in out:
         print(
@@ -190,13 +256,20 @@ def check(
             f"{o['round_bytes_counted'] / 1e6:>8.3f} {o['compute_ms']:>6.2f} {o['compute_from']:>10} "
             f"{o['predicted_step_ms']:>8.2f} "
             f"{o['measured_step_ms']:>8.2f} {o['error_pct']:>+6.1f}% {o['predicted_comm_share']:>9.1%} "
-            f"{o['measured_comm_share']:>9.1%}"
+            f"{o['measured_comm_share']:>9.1%}" + ("  (fit)" if o["fit"] else "")
         )
-    errs = [abs(float(o["error_pct"])) for o in out]
-    print(
-        f"median |error| of the predicted mean step time: {statistics.median(errs):.1f}% over {len(out)} runs"
-    )
+    _print_median(out)
     return out
+
+
+def _print_median(out: Sequence[Mapping[str, Any]]) -> None:
+    errs = [abs(float(o["error_pct"])) for o in out if not o["fit"]]
+    fit = sum(1 for o in out if o["fit"])
+    if errs:
+        print(
+            f"median |error| of the predicted mean step time: {statistics.median(errs):.1f}% over {len(errs)} runs"
+            + (f" ({fit} used for the overhead's fit left out)" if fit else "")
+        )
 
 
 def table(preds: Iterable[Prediction]) -> str:
@@ -240,7 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strategies", default=",".join(SPECS))
     p.add_argument(
-        "--check", default=None, help="benchmarks.lm summary CSV of a --netns run: predicted vs measured"
+        "--check",
+        nargs="+",
+        default=None,
+        help="benchmarks.lm summary CSV(s) of --netns runs: predicted vs measured",
+    )
+    p.add_argument(
+        "--overhead", type=float, default=0.0, help="--check: fixed seconds a round beyond bytes and hops"
+    )
+    p.add_argument(
+        "--overhead-from",
+        nargs="+",
+        default=None,
+        help="--check: fit the overhead per number of replicas to the fixed-H DiLoCo runs of these summary CSVs",
     )
     p.add_argument("--rate", default=None, help="--check: the link rate, if the CSV's mode does not say")
     p.add_argument(
@@ -256,13 +341,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.project``: see the module docstring and ``--help``."""
     args = build_parser().parse_args(argv)
     if args.check:
-        check(
-            args.check,
-            rate=args.rate,
-            latency=args.latency,
-            efficiency=args.efficiency,
-            compute_from=args.compute_from,
-        )
+        overhead: float | dict[int, float] = args.overhead
+        fitted: set[tuple[str, int, str, str]] = set()
+        if args.overhead_from:
+            overhead, fitted = fit_overheads(
+                args.overhead_from, rate=args.rate, latency=args.latency, efficiency=args.efficiency
+            )
+            print(
+                f"overhead per round fitted to {' '.join(args.overhead_from)}: "
+                + ", ".join(f"{n} replicas {1e3 * s:.1f} ms" for n, s in sorted(overhead.items()))
+            )
+        everything: list[dict[str, Any]] = []
+        for path in args.check:
+            everything += check(
+                path,
+                rate=args.rate,
+                latency=args.latency,
+                efficiency=args.efficiency,
+                overhead=overhead,
+                compute_from=args.compute_from,
+                fitted=fitted,
+                label=path if len(args.check) > 1 else None,
+            )
+        if len(args.check) > 1 and everything:
+            print("all files:", end=" ")
+            _print_median(everything)
         return
     if args.params is None or not args.params > 0:
         sys.exit("--params must be given and > 0 (or use --check)")

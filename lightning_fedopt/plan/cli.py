@@ -37,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", required=True, help="each replica's link rate: 100mbit, 1gbit, 10Gbit/s")
     p.add_argument("--latency", default="0", help="latency per hop: 20ms, 0.5ms, seconds (default 0)")
     p.add_argument("--efficiency", type=float, default=1.0, help="achieved share of the link rate, (0, 1]")
+    p.add_argument(
+        "--overhead",
+        default=None,
+        help="fixed seconds of a synchronisation round beyond bytes and hops (15ms; measured, default 0)",
+    )
+    p.add_argument(
+        "--measured-round",
+        default=None,
+        help="instead of --overhead: seconds one uncompressed DiLoCo round took at these replicas on this "
+        "link (sync_every='auto' logs it as measured_sync_seconds); the overhead is fitted to it",
+    )
     p.add_argument("--step-time", default=None, help="compute time of one optimizer step: 0.5, 500ms")
     p.add_argument(
         "--flops", type=float, default=None, help="achieved FLOP/s of one replica (with --tokens-per-step)"
@@ -83,6 +94,8 @@ def _plan(a: argparse.Namespace) -> Plan:
         a.step_time,
         latency=a.latency,
         efficiency=a.efficiency,
+        overhead=a.overhead,
+        measured_round=a.measured_round,
         flops=a.flops,
         tokens_per_step=a.tokens_per_step,
         budget=a.budget,

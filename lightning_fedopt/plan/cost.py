@@ -9,8 +9,11 @@ sends, per replica, what :func:`lightning_fedopt.comm.cost_model` counts:
 * all-gather of every replica's payload (top-k): ``(N-1) * B`` bytes, ``N-1`` hops;
 * point-to-point (NoLoCo's partner, gossip's neighbours): ``peers * B`` bytes per exchange, one hop.
 
-A round of ``b`` bytes takes ``8 b / (rate * efficiency) + hops * latency`` seconds (every fragment
-of a streaming round pays the latency). The training waits for (exposed):
+A round of ``b`` bytes takes ``8 b / (rate * efficiency) + hops * latency + overhead`` seconds
+(every fragment of a streaming round pays the latency and the overhead: the fixed cost of one
+synchronisation beyond its bytes and hops -- the collective calls and the strategy's bookkeeping --
+which is a property of the machine and software, measured, not derived). The training waits for
+(exposed):
 
 * DDP (``kind="ddp"``): the round every step, less the share ``ddp_overlap`` of the compute that its
   gradient all-reduce hides behind;
@@ -56,6 +59,7 @@ __all__ = [
     "compute_seconds",
     "exposed_seconds",
     "exposed_share",
+    "fit_overhead",
     "hops",
     "parse_count",
     "parse_rate",
@@ -175,25 +179,42 @@ class Link:
         rate: bits/s (the slower of up- and downlink; full duplex assumed).
         latency: seconds per hop of a collective (one-way message latency).
         efficiency: the share of ``rate`` transfers achieve, in (0, 1].
+        overhead: fixed seconds of one synchronisation round beyond its bytes and hops (the
+            collective calls, the strategy's bookkeeping; per fragment for streaming DiLoCo): a
+            property of the machine and software stack, measured (:func:`fit_overhead`), default 0.
     """
 
     rate: float
     latency: float = 0.0
     efficiency: float = 1.0
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
         check_float("rate", self.rate, low=0.0, low_open=True)
         check_float("latency", self.latency, low=0.0)
         check_float("efficiency", self.efficiency, low=0.0, high=1.0, low_open=True)
+        check_float("overhead", self.overhead, low=0.0)
 
     @classmethod
-    def parse(cls, rate: str | float, latency: str | float = 0.0, efficiency: float = 1.0) -> Link:
+    def parse(
+        cls,
+        rate: str | float,
+        latency: str | float = 0.0,
+        efficiency: float = 1.0,
+        overhead: str | float = 0.0,
+    ) -> Link:
         """A link from text: ``Link.parse("1gbit", "20ms")``."""
-        return cls(parse_rate(rate, "link"), parse_seconds(latency, "latency"), efficiency)
+        return cls(
+            parse_rate(rate, "link"),
+            parse_seconds(latency, "latency"),
+            efficiency,
+            parse_seconds(overhead, "overhead"),
+        )
 
     def seconds(self, nbytes: float, hops: float = 0.0) -> float:
-        """Seconds to move ``nbytes`` in ``hops`` latency-bound steps."""
-        return 8.0 * nbytes / (self.rate * self.efficiency) + hops * self.latency
+        """Seconds of one round that moves ``nbytes`` in ``hops`` latency-bound steps (its
+        overhead included)."""
+        return 8.0 * nbytes / (self.rate * self.efficiency) + hops * self.latency + self.overhead
 
 
 # ====================================================================== a strategy's rounds
@@ -277,18 +298,51 @@ def hops(spec: Spec, replicas: int) -> int:
 
 
 def round_seconds(
-    spec: Spec, nbytes: float, replicas: int, rate: float, latency: float = 0.0, efficiency: float = 1.0
+    spec: Spec,
+    nbytes: float,
+    replicas: int,
+    rate: float,
+    latency: float = 0.0,
+    efficiency: float = 1.0,
+    overhead: float = 0.0,
 ) -> float:
     """Seconds one round of ``nbytes`` per replica takes on links of ``rate`` bits/s (each fragment
-    of a streaming round pays the latency).
+    of a streaming round pays the latency and the ``overhead``).
 
     Example:
         >>> round_seconds(Spec("all_reduce"), 4e6, 2, 1e8, latency=1e-3)   # 0.32 s + 2 hops
         0.322
+        >>> round(round_seconds(Spec("all_reduce"), 4e6, 2, 1e8, overhead=0.015), 6)   # + 15 ms
+        0.335
     """
     if replicas <= 1:
         return 0.0
-    return 8 * nbytes / (rate * efficiency) + hops(spec, replicas) * latency * max(1, spec.fragments)
+    per_fragment = hops(spec, replicas) * latency + overhead
+    return 8 * nbytes / (rate * efficiency) + per_fragment * max(1, spec.fragments)
+
+
+def fit_overhead(
+    measured_seconds: float,
+    spec: Spec,
+    nbytes: float,
+    replicas: int,
+    rate: float,
+    latency: float = 0.0,
+    efficiency: float = 1.0,
+) -> float:
+    """The per-round ``overhead`` that makes :func:`round_seconds` equal a measured round: what a
+    synchronisation took beyond its bytes and hops (never below 0). Measure one round at the
+    replica count you plan for (``sync_every="auto"`` logs ``measured_sync_seconds``; a short run
+    with a fixed ``H`` gives it as the extra seconds of its synchronising steps); the value then
+    carries to other links, ``H`` and strategies of that machine and software.
+
+    Example:
+        >>> fit_overhead(0.055, Spec("all_reduce"), 500_000, 2, 1e8)   # 40 ms of bytes
+        0.015
+    """
+    measured = check_float("measured_seconds", measured_seconds, low=0.0)
+    base = round_seconds(spec, nbytes, replicas, rate, latency, efficiency)
+    return round(max(0.0, measured - base) / max(1, spec.fragments), 12)
 
 
 def exposed_seconds(spec: Spec, seconds: float, compute: float, ddp_overlap: float = 0.0) -> float:
@@ -345,6 +399,7 @@ def predict(
     *,
     latency: float = 0.0,
     efficiency: float = 1.0,
+    overhead: float = 0.0,
     ddp_overlap: float = 0.0,
     steps: int | None = None,
     round_bytes: float | None = None,
@@ -360,6 +415,7 @@ def predict(
         compute: compute seconds per optimizer step.
         latency: seconds per hop.
         efficiency: achieved share of ``rate``.
+        overhead: fixed seconds per round (per fragment) beyond bytes and hops (:class:`Link`).
         ddp_overlap: share of DDP's compute its gradient all-reduce hides behind.
         steps: average a post-local SGD warm-up (``spec.ddp_steps``) over a run of that many
             steps (None: steady state, the warm-up is over).
@@ -367,12 +423,12 @@ def predict(
             exact size of a compressor, :func:`lightning_fedopt.plan.codecs.wire_bytes`).
     """
     nbytes = bytes_per_round(spec, params, replicas) if round_bytes is None else round_bytes
-    secs = round_seconds(spec, nbytes, replicas, rate, latency, efficiency)
+    secs = round_seconds(spec, nbytes, replicas, rate, latency, efficiency, overhead)
     per_step_bytes = nbytes / spec.every
     per_step_exposed = exposed_seconds(spec, secs, compute, ddp_overlap) / spec.every
     if spec.ddp_steps and steps is not None:  # else steady state: the warm-up is over
         d_bytes = bytes_per_round(_DDP, params, replicas)
-        d_secs = round_seconds(_DDP, d_bytes, replicas, rate, latency, efficiency)
+        d_secs = round_seconds(_DDP, d_bytes, replicas, rate, latency, efficiency, overhead)
         d_exposed = exposed_seconds(_DDP, d_secs, compute, ddp_overlap)
         w = min(spec.ddp_steps, steps) / steps
         per_step_bytes = w * d_bytes + (1 - w) * per_step_bytes
@@ -477,7 +533,7 @@ def choose_sync_every(
         round_seconds: seconds one round's transfers take: a number (measured), or a function of
             ``H`` (non-increasing), or None to derive it from ``nbytes`` and ``link``.
         nbytes: bytes a replica sends per round (with ``link``).
-        link: the :class:`Link` (``8 * nbytes / (rate * efficiency) + hops * latency``).
+        link: the :class:`Link` (``8 * nbytes / (rate * efficiency) + hops * latency + overhead``).
         hops: latency-bound steps of a round (a ring all-reduce: ``2 (N-1)``).
         budget: the largest acceptable exposed share, in (0, 1) (e.g. 0.05).
         low, high: bounds of ``H`` (``1 <= low <= high``).

@@ -46,6 +46,7 @@ from lightning_fedopt.plan.cost import (
     Prediction,
     Spec,
     compute_seconds,
+    fit_overhead,
     parse_count,
     parse_rate,
     parse_seconds,
@@ -194,7 +195,9 @@ class Plan:
         return (
             f"{_fmt_count(m.numel)} parameters ({_fmt_bytes(m.nbytes)} dense), {self.replicas} replicas, "
             f"link {_fmt_rate(self.link.rate)} x {self.link.efficiency:g}, latency "
-            f"{_fmt_seconds(self.link.latency)}/hop; compute {_fmt_seconds(self.compute)}/step "
+            f"{_fmt_seconds(self.link.latency)}/hop"
+            + (f", overhead {_fmt_seconds(self.link.overhead)}/round" if self.link.overhead else "")
+            + f"; compute {_fmt_seconds(self.compute)}/step "
             f"({self.compute_source}); budget {100 * self.budget:g}% exposed communication"
         )
 
@@ -271,6 +274,7 @@ class Plan:
                 "link_bit_s": self.link.rate,
                 "latency_s": self.link.latency,
                 "efficiency": self.link.efficiency,
+                "overhead_s": self.link.overhead,
                 "step_seconds": self.compute,
                 "compute_source": self.compute_source,
                 "budget": self.budget,
@@ -377,6 +381,8 @@ def plan(
     *,
     latency: float | str | None = None,
     efficiency: float = 1.0,
+    overhead: float | str | None = None,
+    measured_round: float | str | None = None,
     flops: float | None = None,
     tokens_per_step: float | None = None,
     budget: float = 0.05,
@@ -400,6 +406,12 @@ def plan(
             ``flops`` and ``tokens_per_step`` (``6 * params * tokens / flops``).
         latency: seconds per hop (``"20ms"``) when ``link`` is a rate.
         efficiency: achieved share of the link rate, in (0, 1], when ``link`` is a rate.
+        overhead: fixed seconds of a synchronisation round beyond its bytes and hops (``"15ms"``;
+            per fragment for streaming DiLoCo), when ``link`` is a rate; default 0.
+        measured_round: instead of ``overhead``: the seconds one uncompressed DiLoCo round of
+            this model took at ``replicas`` replicas on this link (``sync_every="auto"`` logs it
+            as ``measured_sync_seconds``); the overhead is what it took beyond its bytes and hops
+            (:func:`~lightning_fedopt.plan.cost.fit_overhead`).
         flops, tokens_per_step: a replica's achieved FLOP/s and its tokens per step.
         budget: the largest acceptable exposed share of wall time, in (0, 1).
         strategies: names from :data:`STRATEGIES`.
@@ -419,15 +431,32 @@ def plan(
     m = model_size(model)
     n = check_int("replicas", replicas, low=2, high=1_000_000)
     if isinstance(link, Link):
-        if latency is not None:
-            raise ValueError("`latency` must be None when `link` is a Link (it has its own latency)")
+        if latency is not None or overhead is not None:
+            raise ValueError("`latency` and `overhead` must be None when `link` is a Link (it has its own)")
         the_link = link
     else:
         the_link = Link(
             parse_rate(link, "link"),
             parse_seconds(0.0 if latency is None else latency, "latency"),
             check_float("efficiency", efficiency, low=0.0, high=1.0, low_open=True),
+            parse_seconds(0.0 if overhead is None else overhead, "overhead"),
         )
+    if measured_round is not None:
+        if overhead is not None or the_link.overhead:
+            raise ValueError("give `overhead` or `measured_round`, not both")
+        spec, nbytes = _spec_and_bytes(
+            "diloco", Codec("none"), m, n, fragments=1, sync_delay=0, topology="ring", gossip_steps=1
+        )
+        fitted = fit_overhead(
+            parse_seconds(measured_round, "measured_round", positive=True),
+            spec,
+            nbytes,
+            n,
+            the_link.rate,
+            the_link.latency,
+            the_link.efficiency,
+        )
+        the_link = dataclasses.replace(the_link, overhead=fitted)
     if step_seconds is not None:
         if flops is not None or tokens_per_step is not None:
             raise ValueError("give `step_seconds` or `flops` with `tokens_per_step`, not both")
@@ -473,7 +502,9 @@ def plan(
                 topology=topology,
                 gossip_steps=gossip_steps,
             )
-            secs = round_seconds(spec, nbytes, n, the_link.rate, the_link.latency, the_link.efficiency)
+            secs = round_seconds(
+                spec, nbytes, n, the_link.rate, the_link.latency, the_link.efficiency, the_link.overhead
+            )
             low = fragments * (sync_delay + 1) if s == "streaming_diloco" else 1
             high = max(low, max_every)
             h = smallest_every(spec, secs, compute, budget, low=low, high=high, ddp_overlap=ddp_overlap)
@@ -488,6 +519,7 @@ def plan(
                     compute,
                     latency=the_link.latency,
                     efficiency=the_link.efficiency,
+                    overhead=the_link.overhead,
                     ddp_overlap=ddp_overlap,
                     round_bytes=nbytes,
                 )

@@ -33,6 +33,7 @@ from lightning_fedopt.plan import (
     compute_seconds,
     exposed_seconds,
     exposed_share,
+    fit_overhead,
     gossip_degree,
     hops,
     message_bytes,
@@ -449,12 +450,74 @@ def test_plan_counts_a_module_like_the_strategies() -> None:
         ({"ddp_overlap": 2.0}, r"`ddp_overlap` must be a finite number in \[0.0, 1.0\]"),
         ({"every": 0}, "`every` must be an integer >= 1"),
         ({"efficiency": 0.0}, r"`efficiency` must be a finite number in \(0.0, 1.0\]"),
+        ({"overhead": "-1ms"}, "`overhead` must be a duration >= 0"),
+        ({"measured_round": 0}, "`measured_round` must be"),
+        ({"overhead": "1ms", "measured_round": 0.5}, "not both"),
     ],
 )
 def test_plan_validates_its_arguments(kwargs: dict[str, Any], match: str) -> None:
     args: dict[str, Any] = {"model": P, "replicas": 4, "link": "1gbit", "step_seconds": 0.1, **kwargs}
     with pytest.raises(ValueError, match=match):
         plan(**args)
+
+
+def test_overhead_is_a_fixed_cost_per_round_and_per_fragment() -> None:
+    """``overhead`` adds its seconds to every round (to every fragment of a streaming round), and
+    ``measured_round`` fits it to one measured uncompressed DiLoCo round."""
+    base = plan(P, 2, "100mbit", 0.1, compressors=["none"], strategies=["ddp", "diloco", "streaming_diloco"])
+    more = plan(
+        P,
+        2,
+        "100mbit",
+        0.1,
+        overhead="15ms",
+        compressors=["none"],
+        strategies=["ddp", "diloco", "streaming_diloco"],
+    )
+    for name, times in (("ddp", 1), ("diloco", 1), ("streaming_diloco", 4)):
+        assert more.row(name).round_seconds == pytest.approx(base.row(name).round_seconds + times * 0.015)
+    d = more.row("diloco")
+    assert d.every == math.ceil((8 * (4 * P + 12) / 1e8 + 0.015) * 0.95 / (0.05 * 0.1))
+    assert "overhead 15 ms/round" in more.table() and "overhead" not in base.table()
+    assert more.to_dict()["inputs"]["overhead_s"] == 0.015
+    # a round measured at 15 ms more than its bytes take: the same plan
+    fitted = plan(
+        P,
+        2,
+        "100mbit",
+        0.1,
+        measured_round=base.row("diloco").round_seconds + 0.015,
+        compressors=["none"],
+        strategies=["ddp", "diloco", "streaming_diloco"],
+    )
+    assert fitted.link.overhead == pytest.approx(0.015)
+    assert [r.every for r in fitted.rows] == [r.every for r in more.rows]
+    # never below 0: a round faster than its bytes says the link is faster than given
+    assert fit_overhead(0.01, Spec("all_reduce"), 4 * P, 2, 1e8) == 0.0
+    assert fit_overhead(0.4, Spec("streaming", fragments=4), 4 * P, 2, 1e8) == pytest.approx((0.4 - 0.32) / 4)
+    with pytest.raises(ValueError, match="`overhead` must be a finite number >= 0"):
+        Link(1e9, overhead=-0.001)
+    assert Link.parse("1gbit", overhead="15ms").seconds(0.0) == pytest.approx(0.015)
+
+
+def test_project_check_with_a_fitted_overhead(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks.project --check ... --overhead-from``: the overhead fitted per number of
+    replicas to the fixed-H DiLoCo rounds of the 1000 Mbit/s runs; those runs are marked and left
+    out of the median."""
+    from benchmarks import project
+
+    fast = [RESULTS / "plan_netns_1000mbit_summary.csv", RESULTS / "plan_netns4_1000mbit_summary.csv"]
+    overhead, used = project.fit_overheads(fast)
+    assert set(overhead) == {2, 4} and {(n, row) for _, n, _, row in used} == {
+        (2, "diloco_h16"),
+        (4, "diloco_h16"),
+    }
+    rows = project.check(RESULTS / "plan_netns_1000mbit_summary.csv", overhead=overhead, fitted=used)
+    by = {r["strategy"]: r for r in rows}
+    assert by["diloco_h16"]["fit"] and not by["ddp"]["fit"]
+    assert by["diloco_h16"]["error_pct"] == pytest.approx(0.0, abs=1e-6)  # fitted to itself
+    assert "(1 used for the overhead's fit left out)" in capsys.readouterr().out
+    assert by["diloco_auto"]["predicted_step_ms"] > by["diloco_auto"]["compute_ms"]
 
 
 def test_plan_from_flops() -> None:
