@@ -237,9 +237,13 @@ def runner(args: argparse.Namespace, suite: Suite) -> None:
     _report.print_table(summary, target)
     _report.print_step_costs(summary)
     _report.print_ratios(runs, summary)
+    # compute only: single_par's mean step (as benchmarks.lm's summary; benchmarks.project --check reads both)
+    compute_only = next((s["mean_step_ms"] for s in summary if s["strategy"] == SINGLE_PAR), None)
     for s in summary:
         s["mode"] = mode
         s["target_val_loss"] = target
+        s["seed"], s["n_params"] = args.seed, runs[s["strategy"]][0]["n_params"]
+        s["compute_only_step_ms"] = compute_only
     write_csv(outdir / f"{name}.csv", rows)
     write_csv(outdir / f"{name}_steps.csv", steps)
     write_csv(outdir / f"{name}_summary.csv", summary)

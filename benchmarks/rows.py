@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks.harness import ONE_PROCESS_LOCAL_SGD, Row
 
-__all__ = ["DILOCO_OUTER", "LOCAL_SGD_H", "STRATEGIES", "lf_row"]
+__all__ = ["BY_NAME", "DILOCO_OUTER", "LOCAL_SGD_H", "STRATEGIES", "lf_row"]
 
 LOCAL_SGD_H = 8  # H of the "local_sgd" entry, for the cost-model expectation printed at the end
 #: the outer step of the ``diloco`` row: Nesterov SGD lr 0.5, momentum 0.5
@@ -88,5 +88,18 @@ STRATEGIES: dict[str, Row] = {
     ONE_PROCESS_LOCAL_SGD: (
         "LocalSGDStrategy(sync_every=8) in ONE process: the strategy's per-step code, no CPU contention",
         lf_row("LocalSGDStrategy", sync_every=LOCAL_SGD_H),
+    ),
+}
+
+#: rows runnable by name (``--strategies``) but in no default run, under the names of
+#: :mod:`benchmarks.lm` and :data:`benchmarks.project.SPECS`: the planner's check on the digits MLP
+BY_NAME: dict[str, Row] = {
+    "diloco_h16": (
+        "DiLoCoStrategy(sync_every=16), outer Nesterov SGD lr 0.5 momentum 0.5",
+        lf_row("DiLoCoStrategy", sync_every=16, outer_kwargs=DILOCO_OUTER),
+    ),
+    "diloco_auto": (
+        "DiLoCoStrategy(sync_every='auto'): H chosen from the measured step and link for a 5% communication budget",
+        lf_row("DiLoCoStrategy", sync_every="auto"),
     ),
 }

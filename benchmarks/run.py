@@ -5,6 +5,9 @@
     python -m benchmarks.run                    # every strategy, 1024 steps
     python -m benchmarks.run --quick --netns --rate 100mbit   # each rank its own host (root only)
     python -m benchmarks.run --strategies ddp,local_sgd_h32 --steps 640 --devices 4
+    sudo python -m benchmarks.run --netns --rate 100mbit --hidden 1024 --no-single --steps 256 --val-every 256
+        --strategies ddp,diloco_h16,diloco_auto,single_par --name mlp_netns_100mbit   # (one command line)
+    python -m benchmarks.project --check benchmarks/results/mlp_netns_100mbit_summary.csv
 
 The comparison of the library's strategies with DDP and PyTorch's own periodic model averaging:
 the rows of :data:`benchmarks.rows.STRATEGIES`, then the gossip rows of :mod:`benchmarks.gossip`.
@@ -15,6 +18,13 @@ network namespace, with Lightning's multi-node environment variables and
 ``Trainer(num_nodes=N, devices=1)``. A ``single`` run (one process, ``strategy="auto"``) is the
 reference for the per-step overhead. Every worker uses ``torch.set_num_threads(1)``. The runner
 itself is :mod:`benchmarks.compare`.
+
+The rows of :data:`benchmarks.rows.BY_NAME` (``diloco_h16``, ``diloco_auto``) run only when
+``--strategies`` names them: with the compute-only reference ``single_par`` and ``--hidden 1024``
+(the 1.1M-parameter MLP, 4.5 MB in fp32) behind ``--netns`` links, the summary has every column
+``python -m benchmarks.project --check`` reads (``n_params``, ``seed``, ``syncs``,
+``sync_bytes_sent``, ``mean_step_ms``, ``median_nonsync_step_ms``, ``compute_only_step_ms``, mode
+``netns-<rate>``): the planner's prediction against the MLP's measured step time.
 
 Outputs in ``--out`` (default ``benchmarks/results/``): ``<name>.csv`` (one row per validation per
 strategy), ``<name>_steps.csv`` (the time of every training step), ``<name>_summary.csv`` (the
@@ -57,7 +67,7 @@ OUTER_STRATEGIES = (
 #: every row runnable by ``python -m benchmarks.run``; the default run is all of ``strategies``
 SUITE = Suite(
     strategies={**rows.STRATEGIES, **gossip.STRATEGIES},
-    extra=gossip.EXTRA_STRATEGIES,
+    extra={**gossip.EXTRA_STRATEGIES, **rows.BY_NAME},
     worker_module="benchmarks.run",
     quick=QUICK_STRATEGIES,
     outer=OUTER_STRATEGIES,

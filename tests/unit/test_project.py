@@ -247,3 +247,59 @@ def test_lm_summarize_ratios_and_time_to_ddp_loss() -> None:
         20.0
     )
     assert summary["single_par"]["time_to_target_s"] is None  # never at or below 1.5
+
+
+def _digits_run(
+    n_params: int, step_s: list[float], sync_bytes: int, world_size: int = 2
+) -> dict[str, object]:
+    """Rank 0's JSON of one benchmarks.run worker (the digits MLP): one validation, a time per step."""
+    syncs = sum(s > 0.1 for s in step_s)
+    final = {
+        "wall_s": sum(step_s),
+        "step": len(step_s),
+        "sync_count": syncs,
+        "bytes_sent": sync_bytes,
+        "sync_bytes_sent": sync_bytes,
+        "bytes_source": "counted",
+    }
+    return {
+        "world_size": world_size,
+        "n_params": n_params,
+        "rows": [{"step": len(step_s), "val_loss": 0.1, "val_acc": 0.97, "wall_s": sum(step_s)}],
+        "steps": [{"step": i + 1, "seconds": s, "sync": int(s > 0.1)} for i, s in enumerate(step_s)],
+        "final": final,
+    }
+
+
+def test_run_summary_feeds_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks.run`` (the digits MLP) writes the columns ``--check`` reads, rows named as SPECS."""
+    from benchmarks import compare, run
+
+    assert all(run.SUITE.knows(n) for n in ("ddp", "diloco_h16", "diloco_auto", "single_par"))
+    # 100 Mbit/s, 2 ranks: a round of 4P bytes takes 320 ms; compute 10 ms (12 ms inside DiLoCo's steps)
+    runs = {
+        "ddp": [_digits_run(P, [0.33] * 32, 32 * 4 * P)],
+        "diloco_h16": [_digits_run(P, [0.332 if i % 16 == 15 else 0.012 for i in range(32)], 2 * 4 * P)],
+        "single_par": [_digits_run(P, [0.01] * 32, 0, world_size=1)],
+    }
+    monkeypatch.setattr(compare, "_network", lambda args: (None, "netns-100mbit"))
+    monkeypatch.setattr(compare, "_train_all", lambda *a: runs)
+    monkeypatch.setattr(compare._report, "plot", lambda *a: None)
+    monkeypatch.setattr(compare.signal, "signal", lambda *a: None)
+    argv = ["--strategies", ",".join(runs), "--no-single", "--steps", "32", "--seed", "3"]
+    args = compare.build_parser(run.SUITE).parse_args([*argv, "--out", str(tmp_path), "--name", "mlp"])
+    compare.runner(args, run.SUITE)
+    with open(tmp_path / "mlp_summary.csv", newline="") as fh:
+        summary = {r["strategy"]: r for r in csv.DictReader(fh)}
+    assert {r["seed"] for r in summary.values()} == {"3"}
+    assert {r["n_params"] for r in summary.values()} == {str(P)}
+    assert float(summary["ddp"]["compute_only_step_ms"]) == pytest.approx(10.0)
+    out = {o["strategy"]: o for o in project.check(tmp_path / "mlp_summary.csv")}
+    assert list(out) == ["ddp", "diloco_h16"]  # single_par: the reference, no row of SPECS
+    assert out["ddp"]["compute_from"] == "single_par"
+    assert out["ddp"]["predicted_step_ms"] == pytest.approx(330.0)
+    assert out["diloco_h16"]["round_bytes_counted"] == pytest.approx(4 * P)
+    assert out["diloco_h16"]["predicted_step_ms"] == pytest.approx(12.0 + 320.0 / 16)
+    assert "median |error|" in capsys.readouterr().out
