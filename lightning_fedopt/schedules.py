@@ -12,9 +12,10 @@ count, so every rank reaches the same answer and a resumed run needs nothing but
 * :class:`Explicit` — synchronise at the listed steps.
 * :class:`AutoSync` (``sync_every="auto"``) — ``H`` chosen from measurements: after the first
   synchronisation (and every ``remeasure_every`` after it) the ranks agree on the slowest measured
-  compute time per step and synchronisation time, and ``H`` becomes the smallest period whose
-  synchronisation takes at most ``budget`` of the wall time
-  (:func:`lightning_fedopt.plan.choose_sync_every`). The decisions are state (saved with the
+  compute time per step and the synchronisation time, and ``H`` becomes the smallest period whose
+  exposed synchronisation takes at most ``budget`` of the wall time
+  (:func:`lightning_fedopt.plan.choose_sync_every`; for streaming DiLoCo
+  :func:`streaming_sync_every`). The decisions are state (saved with the
   checkpoint), so the schedule is still a pure function of the step count and what was agreed.
 """
 
@@ -29,7 +30,15 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_float, check_int
 
-__all__ = ["AutoSync", "Explicit", "Increasing", "LateBudget", "Periodic", "SyncSchedule", "as_schedule"]
+__all__ = [
+    "AutoSync",
+    "Explicit",
+    "Increasing",
+    "LateBudget",
+    "Periodic",
+    "SyncSchedule",
+    "as_schedule",
+]
 
 
 class SyncSchedule(ABC):
@@ -216,9 +225,15 @@ class AutoSync(SyncSchedule):
 
     The first ``probe`` steps run with ``H = probe``; at that synchronisation (and every
     ``remeasure_every`` synchronisations after it, since links change) the strategy calls
-    :meth:`decide` with the slowest rank's numbers (agreed through one 16-byte all-reduce), and
+    :meth:`decide` with the slowest rank's numbers (agreed through one 32-byte all-reduce), and
     from the next step on ``H`` is ``choose_sync_every(step_seconds, sync_seconds, budget, low,
     high)``. :attr:`decisions` (``(first step, H)`` pairs) is the state; every rank holds the same.
+
+    Which rule applies is the strategy's: a blocking round (Local SGD, DiLoCo) exposes all of it;
+    CO2's round overlaps the next ``H`` steps (``decide(..., overlapped=True)``, measured one
+    synchronisation later, when the round has completed); streaming DiLoCo takes
+    :class:`~lightning_fedopt.strategies.diloco.fragments.AutoFragmentEvents`, built from this
+    schedule's arguments (:func:`streaming_sync_every`).
 
     Args:
         budget: the largest share of the wall time spent in synchronisation, in (0, 1).
@@ -276,13 +291,41 @@ class AutoSync(SyncSchedule):
             return True
         return self.remeasure_every is not None and (sync_count - 1) % self.remeasure_every == 0
 
-    def decide(self, step: int, step_seconds: float, sync_seconds: float) -> int:
-        """Set ``H`` from the agreed measurements, for the steps after ``step``; returns it."""
+    def measures_at(self, step: int, sync_count: int) -> bool:
+        """Whether the synchronisation number ``sync_count`` (1-based), after step ``step``, is
+        measured (:meth:`wants_measurement`; a streaming schedule counts rounds instead)."""
+        return self.wants_measurement(sync_count)
+
+    def round_ends(self, step: int) -> bool:
+        """Whether a synchronisation after step ``step`` ends a round (every one does here; a
+        streaming schedule's fragment events within a round do not)."""
+        return True
+
+    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = False) -> int:
+        """Set ``H`` from the agreed measurements, for the steps after ``step``; returns it.
+
+        Args:
+            step: the synchronisation's step; the new ``H`` applies to the steps after it.
+            step_seconds: compute (wall) seconds of one step.
+            sync_seconds: seconds of one round: what the training waited for (a blocking round), or
+                the round's transfer time from launch to completion (``overlapped``).
+            overlapped: the round overlaps the next ``H`` steps (CO2): only ``max(0, R - H c)`` is
+                exposed (:func:`~lightning_fedopt.plan.choose_sync_every` with ``overlapped=True``).
+        """
         from lightning_fedopt.plan.cost import choose_sync_every
 
         every = choose_sync_every(
-            max(step_seconds, 1e-9), max(sync_seconds, 0.0), budget=self.budget, low=self.low, high=self.high
+            max(step_seconds, 1e-9),
+            max(sync_seconds, 0.0),
+            budget=self.budget,
+            low=self.low,
+            high=self.high,
+            overlapped=overlapped,
         )
+        return self._record(step, every)
+
+    def _record(self, step: int, every: int) -> int:
+        """Append the decision ``(step, every)`` if it changes ``H``; returns ``every``."""
         if every != self.every:
             self.decisions.append((int(step), int(every)))
         return every
@@ -297,6 +340,61 @@ class AutoSync(SyncSchedule):
         if not decisions or decisions[0][0] != 0 or any(h < 1 for _, h in decisions):
             raise ValueError(f"AutoSync: not a schedule's state: {state!r}")
         self.decisions = decisions
+
+
+def streaming_sync_every(
+    step_seconds: float,
+    round_seconds: float,
+    fragments: int,
+    delay: int,
+    *,
+    budget: float = 0.05,
+    low: int = 1,
+    high: int = 1000,
+) -> int:
+    """Streaming DiLoCo's ``H`` for ``sync_every="auto"``: the smallest ``H`` in
+    ``[max(low, F (tau + 1)), high]`` whose exposed share of the wall time is at most ``budget``
+    (``high`` when none is), under the planner's streaming model
+    (:func:`~lightning_fedopt.plan.exposed_seconds` of ``Spec("streaming")``): each of the ``F``
+    fragments of a round is an all-reduce of about ``round_seconds / F`` hidden behind ``tau``
+    (``delay``) steps of compute, so a round exposes ``F * max(0, round_seconds / F - tau * c)``
+    (``tau = 0``: all of it). ``F (tau + 1)`` is the smallest ``H`` whose fragment period
+    ``H // F`` exceeds ``tau``.
+
+    Args:
+        step_seconds: ``c``, seconds of one step (> 0).
+        round_seconds: ``R`` (>= 0), seconds of one round's transfers, all ``F`` fragments together.
+        fragments: ``F`` (>= 1).
+        delay: ``tau`` (>= 0).
+        budget: the largest acceptable exposed share, in (0, 1).
+        low, high: bounds of ``H`` (``1 <= low <= high``); ``high`` must be >= ``F (tau + 1)``.
+
+    Example:
+        >>> streaming_sync_every(0.1, 0.8, 4, 1)     # 0.1 s exposed a fragment: 0.4 s a round -> H = 76
+        76
+        >>> streaming_sync_every(0.1, 0.4, 4, 1)     # hidden behind tau = 1 step: the lower bound
+        8
+        >>> streaming_sync_every(0.1, 0.4, 2, 0)     # blocking (tau = 0): as choose_sync_every(0.1, 0.4)
+        76
+    """
+    from lightning_fedopt.plan.cost import Spec, smallest_every
+
+    step_seconds = check_float("step_seconds", step_seconds, low=0.0, low_open=True)
+    round_seconds = check_float("round_seconds", round_seconds, low=0.0)
+    fragments = check_int("fragments", fragments, low=1, high=10**6)
+    delay = check_int("delay", delay, low=0, high=10**6)
+    budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True, high_open=True)
+    high = check_int("high", high, low=1)
+    low = check_int("low", low, low=1, high=high)
+    least = fragments * (delay + 1)
+    if high < least:
+        raise ValueError(
+            f"`high` must be >= F (tau + 1) = {least} (the fragment period H // F must exceed "
+            f"`sync_delay`), got {high}"
+        )
+    spec = Spec("streaming", every=least, fragments=fragments, delay=delay)
+    found = smallest_every(spec, round_seconds, step_seconds, budget, low=max(low, least), high=high)
+    return high if found is None else found
 
 
 def as_schedule(sync_every: int | str | SyncSchedule, warmup_steps: int = 0) -> SyncSchedule:

@@ -787,6 +787,7 @@ class ReplicaStrategy(CountedDDPStrategy):
         auto = isinstance(self.schedule, AutoSync)
         if auto:
             self.run.note_step_end(time.perf_counter())
+            self.auto_step_end()
         if self.schedule.should_sync(self.run.counts.replica_step):
             self._run_sync()
         if self.final_sync_enabled and is_last_training_step(self._current_trainer(), self.lightning_module):
@@ -802,17 +803,20 @@ class ReplicaStrategy(CountedDDPStrategy):
         info = (self.sync_fault_tolerant() if self.fault_tolerance else self.sync()) or {}
         counts = self.run.counts
         counts.sync_count += 1
-        if isinstance(self.schedule, AutoSync) and self.schedule.wants_measurement(counts.sync_count):
+        step = counts.replica_step
+        auto = self.schedule if isinstance(self.schedule, AutoSync) else None
+        if auto is not None and self.auto_measures(step, counts.sync_count):
             # a step's wall time: the median interval between step ends (the loop's own time in it,
             # the slow first steps of a fit out of it); the optimizer steps' mean before two steps
             step_seconds = self.run.step_seconds() or compute / max(computed, 1)
-            info = {
-                **info,
-                **self._choose_sync_every(step_seconds, self.comms.stats.seconds - seconds_before),
-            }
+            round_seconds = self.auto_round_seconds(self.comms.stats.seconds - seconds_before)
+            info = {**info, **self._choose_sync_every(step_seconds, round_seconds)}
         counts.steps_since_sync = 0
         counts.samples_since_sync = 0
+        walls = list(self.run.step_walls)
         self.run.close_round(self.round_seconds is not None)
+        if auto is not None and not auto.round_ends(step):  # a fragment's event within a round
+            self.run.step_walls.extend(walls)
         info = {
             **info,
             "step": counts.replica_step,
@@ -820,21 +824,68 @@ class ReplicaStrategy(CountedDDPStrategy):
         }
         self.run.last_sync = info
 
-    def _choose_sync_every(self, step_seconds: float, sync_seconds: float) -> dict[str, float]:
-        """``sync_every="auto"``: every rank takes the slowest rank's compute time per step and
-        synchronisation time (one 16-byte all-reduce) and the same ``H`` from them."""
+    # ---------------------------------------------------------------- sync_every="auto"
+    #: ``sync_every="auto"``: the round overlaps the next ``H`` steps (CO2): ``H`` by the overlapped
+    #: rule, ``max(0, R - H c)`` exposed (:meth:`~lightning_fedopt.schedules.AutoSync.decide`)
+    auto_overlapped: bool = False
+
+    def auto_measures(self, step: int, sync_count: int) -> bool:
+        """``sync_every="auto"``: whether the synchronisation number ``sync_count`` (after step
+        ``step``) is measured; the same answer on every rank (it decides who joins the agreement's
+        all-reduce). Default: the schedule's
+        (:meth:`~lightning_fedopt.schedules.AutoSync.measures_at`)."""
         assert isinstance(self.schedule, AutoSync)
-        measured = torch.tensor([step_seconds, sync_seconds], dtype=torch.float64, device=self.root_device)
+        return self.schedule.measures_at(step, sync_count)
+
+    def auto_round_seconds(self, blocking_seconds: float) -> float | None:
+        """``sync_every="auto"``: the seconds of a round to choose ``H`` from, at a measured
+        synchronisation. ``blocking_seconds``: what the synchronisation took (its transfers and
+        waits), the default (a blocking round). A strategy whose rounds overlap compute returns the
+        transfer time of its last completed round instead, or None when it does not know it (e.g.
+        the round was restored from a checkpoint): then no rank changes ``H`` at this measurement."""
+        return blocking_seconds
+
+    def auto_round_timed(self) -> bool:
+        """``sync_every="auto"``: whether :meth:`auto_round_seconds` is a round's transfer time from
+        this rank's launch to its completion (the ranks agree on the smallest) rather than the
+        seconds a synchronisation blocked (the largest). Default: :attr:`auto_overlapped`."""
+        return self.auto_overlapped
+
+    def auto_step_end(self) -> None:
+        """``sync_every="auto"``: called at every step end (before a synchronisation): a strategy
+        with a round in flight may note whether it has completed."""
+
+    def _choose_sync_every(self, step_seconds: float, round_seconds: float | None) -> dict[str, float]:
+        """``sync_every="auto"``: every rank takes the slowest rank's compute time per step and
+        the round's seconds, and the same ``H`` from them (one 32-byte all-reduce, max). The
+        round's seconds are the largest rank's for a blocking round; for a timed one
+        (:meth:`auto_round_timed`) the smallest: each rank measures from its own launch, and a rank
+        that launched early counts its wait for the last one, which no ``H`` changes. If a rank
+        does not know them, ``H`` stays."""
+        auto = self.schedule
+        assert isinstance(auto, AutoSync)
+        known = round_seconds is not None
+        secs = float(round_seconds) if round_seconds is not None else 0.0
+        measured = torch.tensor(
+            [step_seconds, secs, -secs, 0.0 if known else 1.0], dtype=torch.float64, device=self.root_device
+        )
         self.comm.all_reduce([measured], "max", purpose="control")
-        step_s, sync_s = float(measured[0]), float(measured[1])
-        every = self.schedule.decide(self.run.counts.replica_step, step_s, sync_s)
+        step_s = float(measured[0])
+        smallest = self.auto_round_timed()
+        sync_s = -float(measured[2]) if smallest else float(measured[1])
+        if float(measured[3]) > 0:
+            log.info(
+                "lightning_fedopt: sync_every='auto': a round's time is not known on every rank; H stays"
+            )
+            return {"measured_step_seconds": step_s}
+        every = auto.decide(self.run.counts.replica_step, step_s, sync_s, overlapped=self.auto_overlapped)
         log.info(
-            "lightning_fedopt: sync_every='auto': %.4f s per step, %.4f s per synchronisation -> H = %d "
-            "(budget %.0f%%)",
+            "lightning_fedopt: sync_every='auto': %.4f s per step, %.4f s per round%s -> H = %d (budget %.0f%%)",
             step_s,
             sync_s,
+            " (overlapped)" if smallest else "",
             every,
-            100 * self.schedule.budget,
+            100 * auto.budget,
         )
         return {"sync_every": float(every), "measured_step_seconds": step_s, "measured_sync_seconds": sync_s}
 

@@ -1,8 +1,11 @@
 """``sync_every="auto"`` on 2 real gloo ranks that compute at different speeds: both take the same H
-(the slowest rank's numbers, agreed in one all-reduce), and a resumed run keeps the decisions."""
+(the slowest rank's numbers, agreed in one all-reduce), and a resumed run keeps the decisions; the
+same for CO2 (the overlapped rule, from the round's transfer time) and streaming DiLoCo (the
+fragment schedule's period, changed only at a round's end)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -14,6 +17,8 @@ from runners import fit_fork
 
 import lightning_fedopt as lf
 from lightning_fedopt.plan import choose_sync_every
+from lightning_fedopt.schedules import streaming_sync_every
+from lightning_fedopt.strategies.diloco.fragments import AutoFragmentEvents
 
 
 class Uneven(KnownBatchModule):
@@ -26,15 +31,31 @@ class Uneven(KnownBatchModule):
 
 
 class SaveSchedule(L.Callback):
+    """Saves each rank's decisions, its last synchronisation's numbers and every measurement
+    (the agreed numbers, at the step they were agreed)."""
+
     def __init__(self, out: Any) -> None:
         self.out = out
+        self.measured: list[tuple[int, float, float, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        last = trainer.strategy.last_sync
+        if "sync_every" in last and (not self.measured or self.measured[-1][0] != last["step"]):
+            step_s, sync_s = last["measured_step_seconds"], last["measured_sync_seconds"]
+            self.measured.append((int(last["step"]), step_s, sync_s, last["sync_every"]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         s = trainer.strategy
         torch.save(
-            {"decisions": s.schedule.decisions, "last": s.last_sync},
+            {"decisions": s.schedule.decisions, "last": s.last_sync, "measured": self.measured},
             self.out / f"auto{trainer.global_rank}.pt",
         )
+
+
+def _same_weights(ranks: list[dict[str, Any]]) -> None:
+    assert ranks[0]["sync_count"] == ranks[1]["sync_count"]
+    for k in ranks[0]["state_dict"]:
+        assert torch.equal(ranks[0]["state_dict"][k], ranks[1]["state_dict"][k])
 
 
 def test_ranks_that_measure_different_speeds_choose_the_same_period(tmp_path):
@@ -58,7 +79,9 @@ def test_resume_keeps_the_decisions(tmp_path):
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1, filename="{step}"
     )
-    auto = lf.AutoSync(budget=0.05, probe=4, low=3, high=7)
+    auto = lf.AutoSync(
+        budget=0.05, probe=4, low=3, high=7, remeasure_every=None
+    )  # one decision, before step 10
     fit_fork(
         tmp_path / "full",
         KnownBatchModule(),
@@ -70,7 +93,7 @@ def test_resume_keeps_the_decisions(tmp_path):
     full = torch.load(tmp_path / "auto0.pt", weights_only=False)["decisions"]
     assert len(full) == 2
     resumed = lf.LocalSGDStrategy(
-        sync_every=lf.AutoSync(budget=0.05, probe=4, low=3, high=7), start_method="fork"
+        sync_every=lf.AutoSync(budget=0.05, probe=4, low=3, high=7, remeasure_every=None), start_method="fork"
     )
     trainer_out = tmp_path / "resumed"
     trainer_out.mkdir()
@@ -85,3 +108,86 @@ def test_resume_keeps_the_decisions(tmp_path):
     again = torch.load(trainer_out / "auto0.pt", weights_only=False)["decisions"]
     assert again == full  # not re-measured: the resumed run keeps the agreed H
     assert choose_sync_every(1.0, 0.0, low=3, high=7) == 3  # (the bounds hold whatever was measured)
+
+
+def test_co2_ranks_choose_the_same_period_by_the_overlapped_rule(tmp_path):
+    """CO2 measures a round's transfer time when the round is applied (the next synchronisation),
+    so the first decision is at the second synchronisation (step 8); every rank takes the same H,
+    the overlapped rule's for the agreed numbers, and the replicas end identical."""
+    auto = lf.AutoSync(budget=0.05, probe=4, low=2, high=40, remeasure_every=2)
+    strategy = lf.CO2Strategy(sync_every=auto, start_method="fork")
+    ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=30, callbacks=[SaveSchedule(tmp_path)])
+    got = [torch.load(tmp_path / f"auto{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0]["decisions"] == got[1]["decisions"]
+    assert got[0]["measured"] == got[1]["measured"]
+    decisions, measured = got[0]["decisions"], got[0]["measured"]
+    assert decisions[0] == (0, 4)
+    assert measured and measured[0][0] == 8  # the round launched at 4 completed by then
+    for _step, step_s, sync_s, every in measured:
+        assert step_s >= 0.02 and sync_s >= 0.0  # rank 1's sleep is in the agreed step time
+        assert every == choose_sync_every(step_s, sync_s, budget=0.05, low=2, high=40, overlapped=True)
+    # every change of H is at a synchronisation at which it was measured (a round boundary)
+    assert {s for s, _ in decisions[1:]} <= {m[0] for m in measured}
+    _same_weights(ranks)
+
+
+def test_streaming_ranks_choose_the_same_period(tmp_path):
+    """Streaming DiLoCo (F = 2, tau = 1): H starts at F (tau + 1) = 4, is measured at the end of the
+    first round (step 4) and set from the fragment rounds' transfer time, at least ``low`` = 6; both
+    ranks agree and end identical."""
+    auto = lf.AutoSync(budget=0.05, probe=4, low=6, high=40, remeasure_every=1)
+    strategy = lf.DiLoCoStrategy(sync_every=auto, fragments=2, sync_delay=1, start_method="fork")
+    assert isinstance(strategy.schedule, AutoFragmentEvents)
+    ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=30, callbacks=[SaveSchedule(tmp_path)])
+    got = [torch.load(tmp_path / f"auto{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0]["decisions"] == got[1]["decisions"]
+    assert got[0]["measured"] == got[1]["measured"]
+    decisions, measured = got[0]["decisions"], got[0]["measured"]
+    assert decisions[0] == (0, 4) and decisions[1][0] == 4 and 6 <= decisions[1][1] <= 40
+    assert measured[0][0] == 4
+    for _step, step_s, sync_s, every in measured:
+        assert step_s >= 0.02 and sync_s > 0.0
+        assert every == streaming_sync_every(step_s, sync_s, 2, 1, budget=0.05, low=6, high=40)
+    # H changed only at the end of a round of the period before
+    for (start, every), (nxt, _) in itertools.pairwise(decisions):
+        assert (nxt - start) % every == 0
+    _same_weights(ranks)
+
+
+def test_streaming_resume_keeps_the_decisions(tmp_path):
+    """A checkpoint in the middle of a streaming round (a fragment in flight) carries the decisions
+    and the round: the resumed run takes the same events and ends with the same weights."""
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1, filename="{step}"
+    )
+
+    def strategy() -> lf.DiLoCoStrategy:  # low = high: the same H whatever was measured
+        auto = lf.AutoSync(budget=0.05, probe=4, low=6, high=6)
+        return lf.DiLoCoStrategy(sync_every=auto, fragments=2, sync_delay=1, start_method="fork")
+
+    full_ranks = fit_fork(
+        tmp_path / "full",
+        KnownBatchModule(),
+        strategy(),
+        max_steps=22,
+        enable_checkpointing=True,
+        callbacks=[ckpt, SaveSchedule(tmp_path)],
+    )
+    full = torch.load(tmp_path / "auto0.pt", weights_only=False)["decisions"]
+    assert full == [(0, 4), (4, 6)]  # launches at 7 and 10 (in flight at the checkpoint), 13, 16, ...
+    trainer_out = tmp_path / "resumed"
+    trainer_out.mkdir()
+    from runners import SaveFinal, load_ranks, trainer_kwargs
+
+    trainer = L.Trainer(
+        strategy=strategy(),
+        callbacks=[SaveFinal(trainer_out), SaveSchedule(trainer_out)],
+        **trainer_kwargs(devices=2, max_steps=22, default_root_dir=str(trainer_out)),
+    )
+    trainer.fit(KnownBatchModule(), ckpt_path=str(tmp_path / "ckpt" / "step=10.ckpt"))
+    again = torch.load(trainer_out / "auto0.pt", weights_only=False)["decisions"]
+    assert again == full
+    resumed = load_ranks(trainer_out, 2)
+    assert resumed[0]["sync_count"] == full_ranks[0]["sync_count"]
+    for k in full_ranks[0]["state_dict"]:
+        assert torch.equal(resumed[0]["state_dict"][k], full_ranks[0]["state_dict"][k]), k

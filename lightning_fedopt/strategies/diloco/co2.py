@@ -224,7 +224,12 @@ class CO2Strategy(DiLoCoStrategy):
 
     Args:
         sync_every: ``H`` (the paper's ``tau``), local steps per round (>= 1), or a
-            :class:`~lightning_fedopt.schedules.SyncSchedule`.
+            :class:`~lightning_fedopt.schedules.SyncSchedule`. ``"auto"`` (an
+            :class:`~lightning_fedopt.schedules.AutoSync`) chooses ``H`` from the measured step time
+            ``c`` and the round's transfer time ``R`` (launch to completion, measured when the round
+            is applied, one synchronisation after the schedule's measurement) by the overlapped
+            rule: the smallest ``H`` with ``max(0, R - H c)`` within the budget's share,
+            ``ceil(R (1 - budget) / c)`` bounded by ``low`` and ``high``.
         outer_lr: ``alpha`` (> 0); default 1.0, fairscale-CO2's ``outer_lr``.
         outer_momentum: ``beta`` in [0, 1), or None (default): by world size at set-up, the
             authors' rule (:func:`co2_outer_momentum`: 0 up to 16 processes, 0.2 up to 32, 0.5 up
@@ -256,7 +261,7 @@ class CO2Strategy(DiLoCoStrategy):
 
     def __init__(
         self,
-        sync_every: int | SyncSchedule = 48,
+        sync_every: int | str | SyncSchedule = 48,
         *,
         outer_lr: float = 1.0,
         outer_momentum: float | None = None,
@@ -296,6 +301,9 @@ class CO2Strategy(DiLoCoStrategy):
         )
         #: ``fault_tolerance="torchft"``: whether the last synchronisation applied a round
         self._ft_applied_last = False
+        #: ``sync_every="auto"``: the transfer seconds of the round the last synchronisation applied
+        #: (None: none applied, or not timed, e.g. restored from a checkpoint)
+        self._applied_seconds: float | None = None
 
     @override
     def algorithm_state_dict(self) -> dict[str, Any]:
@@ -348,10 +356,31 @@ class CO2Strategy(DiLoCoStrategy):
         """Launch this round's all-reduce, then apply the previous round's (one round stale)."""
         previous = self.in_flight
         self.in_flight = self.launch_round(None, self.replica_step + (self.sync_every or 0))
+        self._applied_seconds = None
         if previous is None:  # first round: nothing to apply yet; restart from the outer weights
             self._restart_from_global()
             return {"stale_applied": 0.0}
-        return {**self._apply_stale(previous, self.in_flight), "stale_applied": 1.0}
+        info = self._apply_stale(previous, self.in_flight)
+        self._applied_seconds = previous.seconds
+        return {**info, "stale_applied": 1.0}
+
+    # ---------------------------------------------------------------- sync_every="auto"
+    #: a round overlaps the next ``H`` steps: ``H = ceil(R (1 - b) / c)``, not the blocking rule
+    auto_overlapped = True
+
+    @override
+    def auto_measures(self, step: int, sync_count: int) -> bool:
+        """One synchronisation after the schedule's: a round's transfer time is known when it has
+        completed, at the next synchronisation (which applies it, one round stale); the new ``H``
+        starts there, at a round boundary (the round launched there overlaps the new ``H`` steps)."""
+        return sync_count > 1 and super().auto_measures(step, sync_count - 1)
+
+    @override
+    def auto_round_seconds(self, blocking_seconds: float) -> float | None:
+        """The transfer time ``R`` of the round this synchronisation applied, from its launch to its
+        completion (not the part of it this synchronisation waited for, which ``blocking_seconds``
+        holds with the launch of the next); None if not timed in this process."""
+        return self._applied_seconds
 
     def _apply_stale(self, f: InFlight, later: InFlight | None) -> dict[str, float]:
         """Apply the stale round ``f``. ``later``, the round launched since, started from the same

@@ -33,6 +33,7 @@ validation and checkpoints, so ``last.ckpt``, the last ``val_loss`` and the retu
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -49,12 +50,14 @@ from lightning_fedopt.fault_tolerance.rounds import (
     torchft_round,
 )
 from lightning_fedopt.runtime.reduce import NoFiniteReplicaError, masked_sum
-from lightning_fedopt.schedules import SyncSchedule, as_schedule
+from lightning_fedopt.schedules import AutoSync, SyncSchedule, as_schedule
 from lightning_fedopt.strategies.diloco.fragments import (
     LAYOUTS,
+    AutoFragmentEvents,
     Fragment,
     FragmentEvents,
     InFlight,
+    RoundClock,
     assign_fragments,
     fragment_events,
     pseudo_gradients,
@@ -83,8 +86,11 @@ class DiLoCoStrategy(ReplicaStrategy):
     ``"streaming_diloco"``).
 
     Args:
-        sync_every: ``H`` (>= 1), or a :class:`~lightning_fedopt.schedules.SyncSchedule` (only
-            without fragments and delay).
+        sync_every: ``H`` (>= 1), ``"auto"``/an :class:`~lightning_fedopt.schedules.AutoSync`, or
+            another :class:`~lightning_fedopt.schedules.SyncSchedule` (only without fragments and
+            delay). ``"auto"`` with fragments or delay chooses the period of the fragment schedule
+            (:class:`~lightning_fedopt.strategies.diloco.fragments.AutoFragmentEvents`, at least
+            ``F (tau + 1)``) from the measured step time and fragment transfer time.
         outer_optimizer: a ``torch.optim.Optimizer`` class (``torch.optim.SGD``), its name
             (``"SGD"``, ``"Adam"``), or any callable ``params -> Optimizer``. Default: SGD with
             momentum 0.9, Nesterov (the papers'), and a learning rate that follows the number of
@@ -162,8 +168,11 @@ class DiLoCoStrategy(ReplicaStrategy):
         schedule: int | SyncSchedule = every
         if streaming:
             _check_streaming(every, fragments, sync_delay, warmup_steps, kwargs.get("round_seconds"))
-            assert isinstance(every, int)
-            schedule = FragmentEvents(every, fragments, sync_delay)
+            if isinstance(every, AutoSync):
+                schedule = AutoFragmentEvents(every, fragments, sync_delay)
+            else:
+                assert isinstance(every, int)
+                schedule = FragmentEvents(every, fragments, sync_delay)
         super().__init__(schedule, warmup_steps=warmup_steps, **kwargs)
         # the default outer learning rate follows this strategy's number of replicas (set-up)
         self.outer_factory = outer_factory(outer_optimizer, outer_kwargs, strategy=self)
@@ -184,6 +193,8 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._at_global = True
         #: outer steps taken in this process (the consensus changes at those only)
         self._outer_steps = 0
+        #: ``sync_every="auto"``, streaming: transfer seconds of the last ``F`` completed fragment rounds
+        self._fragment_seconds: collections.deque[float] = collections.deque(maxlen=fragments)
         self.check_fault_tolerance()
 
     # ---------------------------------------------------------------- state
@@ -217,6 +228,7 @@ class DiLoCoStrategy(ReplicaStrategy):
         self._inflight = None
         self._ft_round = None
         self._at_global = True
+        self._fragment_seconds.clear()
 
     @override
     def algorithm_state_dict(self) -> dict[str, Any]:
@@ -348,6 +360,8 @@ class DiLoCoStrategy(ReplicaStrategy):
         contribution = pseudo_gradients(
             local, [self._outer_weights[i] for i in idx], [self._is_param[i] for i in idx], k
         )
+        # sync_every="auto": the transfer time, launch to completion
+        clock = RoundClock() if isinstance(self.schedule, AutoSync) else None
         pending = masked_sum(
             self.outer_comm,
             local,
@@ -358,7 +372,9 @@ class DiLoCoStrategy(ReplicaStrategy):
             compressor=self.compressor,
             names=[self.tracked.names[i] for i in idx] if self.compressor is not None else None,
         )
-        return InFlight(fragment, idx, apply_step, pending, local_finite=contribution[2])
+        if clock is not None:
+            clock.watch(pending)
+        return InFlight(fragment, idx, apply_step, pending, local_finite=contribution[2], clock=clock)
 
     def apply_round(self, f: InFlight | None = None) -> dict[str, float]:
         """Wait for an all-reduce (default: the one in flight) and take the outer step on its
@@ -429,21 +445,52 @@ class DiLoCoStrategy(ReplicaStrategy):
         if not self._streaming:
             self._inflight = self.launch_round(None, self.replica_step)
             return self.apply_round()
-        launch, apply = fragment_events(
-            self.replica_step, self.sync_every or 1, self.fragments, self.sync_delay
-        )
+        launch, apply = self._fragment_event()
         info: dict[str, float] = {}
         if apply is not None:
-            info.update(self.apply_round())
+            info.update(self._apply_fragment())
             info["fragment_applied"] = float(apply)
         if launch is not None:
             self._inflight = self.launch_round(launch, self.replica_step + self.sync_delay)
             if self.sync_delay == 0:
-                info.update(self.apply_round())
+                info.update(self._apply_fragment())
                 info["fragment_applied"] = float(launch)
             else:
                 info["fragment_launched"] = float(launch)
         return info
+
+    def _apply_fragment(self) -> dict[str, float]:
+        """Apply the fragment in flight, noting its transfer time (``sync_every="auto"``)."""
+        f = self._inflight
+        info = self.apply_round()
+        seconds = f.seconds if f is not None else None
+        if seconds is not None:
+            self._fragment_seconds.append(seconds)
+        return info
+
+    # ---------------------------------------------------------------- sync_every="auto"
+    @override
+    def auto_round_timed(self) -> bool:
+        """Streaming DiLoCo times its fragment rounds from launch to completion."""
+        return self._streaming or super().auto_round_timed()
+
+    @override
+    def auto_round_seconds(self, blocking_seconds: float) -> float | None:
+        """Streaming DiLoCo: ``F`` times the mean transfer time of the last (up to ``F``) completed
+        fragment rounds, i.e. a round of every fragment (None when none completed in this process,
+        e.g. right after a resume); plain DiLoCo: the blocking seconds."""
+        if not self._streaming:
+            return super().auto_round_seconds(blocking_seconds)
+        if not self._fragment_seconds:
+            return None
+        return self.fragments * sum(self._fragment_seconds) / len(self._fragment_seconds)
+
+    @override
+    def auto_step_end(self) -> None:
+        """Note whether the round in flight has completed (the completion time, where the backend's
+        futures do not tell it: CUDA)."""
+        if self._inflight is not None:
+            self._inflight.poll()
 
     # ---------------------------------------------------------------- fault_tolerance="torchft"
     @override
@@ -503,6 +550,9 @@ class DiLoCoStrategy(ReplicaStrategy):
         return info
 
     def _fragment_event(self) -> tuple[int | None, int | None]:
+        """Streaming DiLoCo's ``(launch, apply)`` after the current step (the schedule's)."""
+        if isinstance(self.schedule, (FragmentEvents, AutoFragmentEvents)):
+            return self.schedule.events(self.replica_step)
         return fragment_events(self.replica_step, self.sync_every or 1, self.fragments, self.sync_delay)
 
     def ft_launch(
@@ -611,15 +661,19 @@ def _check_streaming(
     sync_every: int | SyncSchedule, fragments: int, sync_delay: int, warmup_steps: int, round_seconds: Any
 ) -> None:
     """The arguments streaming DiLoCo (``fragments > 1`` or ``sync_delay > 0``) cannot take."""
-    if not isinstance(sync_every, int):
-        raise ValueError("`sync_every` must be an integer H when `fragments` > 1 or `sync_delay` > 0")
-    if fragments > sync_every:
-        raise ValueError(f"`fragments` must be <= `sync_every` ({sync_every}), got {fragments}")
-    period = sync_every // fragments
-    if sync_delay >= period:
-        raise ValueError(
-            f"`sync_delay` (tau) must be smaller than the fragment period H // F = {period}, got {sync_delay}"
-        )
+    if not isinstance(sync_every, AutoSync):  # (AutoFragmentEvents checks the bounds of "auto")
+        if not isinstance(sync_every, int):
+            raise ValueError(
+                "`sync_every` must be an integer H, 'auto' or an AutoSync when `fragments` > 1 or "
+                "`sync_delay` > 0"
+            )
+        if fragments > sync_every:
+            raise ValueError(f"`fragments` must be <= `sync_every` ({sync_every}), got {fragments}")
+        period = sync_every // fragments
+        if sync_delay >= period:
+            raise ValueError(
+                f"`sync_delay` (tau) must be smaller than the fragment period H // F = {period}, got {sync_delay}"
+            )
     if warmup_steps:
         raise ValueError("`warmup_steps` is not supported with `fragments` > 1 or `sync_delay` > 0")
     if round_seconds is not None:
@@ -640,7 +694,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
 
     def __init__(
         self,
-        sync_every: int = 40,
+        sync_every: int | str | SyncSchedule = 40,
         *,
         fragments: int = 4,
         sync_delay: int = 1,

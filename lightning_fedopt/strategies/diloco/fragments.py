@@ -24,7 +24,10 @@ Two layouts assign tensors to fragments:
 
 from __future__ import annotations
 
+import bisect
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +38,15 @@ from typing_extensions import override
 
 from lightning_fedopt._validate import check_int
 from lightning_fedopt.runtime.reduce import MaskedSum, PendingSum, all_finite
-from lightning_fedopt.schedules import SyncSchedule
+from lightning_fedopt.schedules import AutoSync, SyncSchedule, streaming_sync_every
 
 __all__ = [
     "LAYOUTS",
+    "AutoFragmentEvents",
     "Fragment",
     "FragmentEvents",
     "InFlight",
+    "RoundClock",
     "assign_fragments",
     "fragment_events",
     "layer_keys",
@@ -245,9 +250,205 @@ class FragmentEvents(SyncSchedule):
     def should_sync(self, step: int) -> bool:
         return fragment_events(step, self.sync_every, self.fragments, self.delay) != (None, None)
 
+    def events(self, step: int) -> tuple[int | None, int | None]:
+        """``(launch, apply)`` after optimizer step ``step`` (:func:`fragment_events`)."""
+        return fragment_events(step, self.sync_every, self.fragments, self.delay)
+
     @override
     def __repr__(self) -> str:
         return f"FragmentEvents(H={self.sync_every}, F={self.fragments}, tau={self.delay})"
+
+
+class AutoFragmentEvents(AutoSync):
+    """Streaming DiLoCo's ``sync_every="auto"``: the fragment events of :class:`FragmentEvents`
+    with a period ``H`` chosen from measurements, as :class:`~lightning_fedopt.schedules.AutoSync`
+    chooses it for a round of every tensor.
+
+    ``H`` starts at ``max(probe, F (tau + 1))``. At the end of the first full round (the step at
+    which fragment ``F - 1`` is launched; with ``F = 1`` the second, when a fragment round has
+    completed) and every ``remeasure_every`` rounds after it, the strategy measures and
+    :meth:`decide` sets ``H`` for the steps after it (:func:`~lightning_fedopt.schedules.streaming_sync_every`,
+    bounded below by ``F (tau + 1)``). A new ``H`` starts only at a round boundary, so the fragment
+    launched there is applied ``tau`` steps later as before, and the next round's offsets count
+    from the boundary: fragment ``p`` launches ``(p + 1) H // F`` steps after it. Within a segment
+    of one ``H`` the events are those of :func:`fragment_events`.
+
+    Args:
+        auto: the bounds, budget, probe and re-measurement of ``sync_every`` (``low`` is raised to
+            ``F (tau + 1)``; ``high`` must be at least that).
+        fragments: ``F`` (>= 1).
+        delay: ``tau`` (>= 0).
+
+    Example:
+        >>> events = AutoFragmentEvents(AutoSync(probe=4), fragments=2, delay=1)
+        >>> events.sync_steps(4)          # H = 4: launch 0 at 2, apply at 3; launch 1 at 4 (a round's end)
+        [2, 3, 4]
+        >>> events.measures_at(4, sync_count=3), events.measures_at(8, sync_count=7)  # rounds 1 and 2
+        (True, False)
+        >>> events.decide(step=4, step_seconds=0.1, sync_seconds=0.23)  # 0.015 s exposed a fragment
+        6
+        >>> [s for s in range(5, 18) if events.should_sync(s)]   # 1's apply at 5; then H = 6 from 4
+        [5, 7, 8, 10, 11, 13, 14, 16, 17]
+    """
+
+    def __init__(self, auto: AutoSync, fragments: int, delay: int) -> None:
+        self.fragments = check_int("fragments", fragments, low=1)
+        self.delay = check_int("sync_delay", delay, low=0)
+        least = self.fragments * (self.delay + 1)
+        if auto.high < least:
+            raise ValueError(
+                f"`high` of sync_every='auto' must be >= F (tau + 1) = {least} with fragments={fragments}, "
+                f"sync_delay={delay} (the fragment period H // F must exceed `sync_delay`), got {auto.high}"
+            )
+        super().__init__(
+            auto.budget,
+            low=max(auto.low, least),
+            high=auto.high,
+            probe=max(auto.probe, least),
+            remeasure_every=auto.remeasure_every,
+        )
+
+    def _segment(self, step: int) -> tuple[int, int]:
+        """``(start, H)`` of the decision that applies to step ``step`` (>= 1)."""
+        starts = [s for s, _ in self.decisions]
+        return self.decisions[bisect.bisect_left(starts, step) - 1]
+
+    def launched(self, step: int) -> int | None:
+        """The fragment launched after optimizer step ``step`` (None if none)."""
+        if step <= 0:
+            return None
+        start, every = self._segment(step)
+        position = (step - start) % every
+        for p in range(self.fragments):
+            if ((p + 1) * every // self.fragments) % every == position:
+                return p
+        return None
+
+    def events(self, step: int) -> tuple[int | None, int | None]:
+        """``(launch, apply)`` after optimizer step ``step``, as :func:`fragment_events`: a fragment
+        is applied ``tau`` steps after its launch (``tau = 0``: at its launch, reported as launched)."""
+        apply = self.launched(step - self.delay) if self.delay > 0 else None
+        return self.launched(step), apply
+
+    @override
+    def should_sync(self, step: int) -> bool:
+        return self.events(step) != (None, None)
+
+    @override
+    def round_ends(self, step: int) -> bool:
+        """Whether step ``step`` ends a full round (fragment ``F - 1`` is launched after it)."""
+        if step <= 0:
+            return False
+        start, every = self._segment(step)
+        return (step - start) % every == 0
+
+    def rounds_done(self, step: int) -> int:
+        """Full rounds ended at or before step ``step``."""
+        done = 0
+        for i, (start, every) in enumerate(self.decisions):
+            end = self.decisions[i + 1][0] if i + 1 < len(self.decisions) else step
+            if step <= start:
+                break
+            done += (min(step, end) - start) // every
+        return done
+
+    @override
+    def measures_at(self, step: int, sync_count: int) -> bool:
+        """At the end of the first full round (with ``F = 1``: the second, the first to hold a
+        completed fragment round) and every ``remeasure_every`` rounds after it."""
+        if not self.round_ends(step):
+            return False
+        rounds = self.rounds_done(step) - (1 if self.fragments == 1 else 0)
+        return rounds >= 1 and self.wants_measurement(rounds)
+
+    @override
+    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = False) -> int:
+        """Set ``H`` for the steps after ``step`` (a round boundary) from the agreed step seconds and
+        the seconds of a round's ``F`` fragment transfers (:func:`~lightning_fedopt.schedules.streaming_sync_every`;
+        ``overlapped`` is implied by ``tau`` and ignored)."""
+        if not self.round_ends(step):
+            raise RuntimeError(f"AutoFragmentEvents: step {step} does not end a round; H changes only there")
+        every = streaming_sync_every(
+            max(step_seconds, 1e-9),
+            max(sync_seconds, 0.0),
+            self.fragments,
+            self.delay,
+            budget=self.budget,
+            low=self.low,
+            high=self.high,
+        )
+        return self._record(step, every)
+
+    @override
+    def load_state_dict(self, state: dict[str, list[list[int]]]) -> None:
+        super().load_state_dict(state)
+        least = self.fragments * (self.delay + 1)
+        if any(h < least for _, h in self.decisions):
+            raise ValueError(f"AutoFragmentEvents: a period below F (tau + 1) = {least} in {state!r}")
+
+
+class RoundClock:
+    """When a round's all-reduce was launched and when it completed (``time.perf_counter`` of this
+    process): ``sync_every="auto"`` of an overlapped round (CO2, streaming DiLoCo) measures its
+    transfer time ``completed - launched``, not the part of it the training waited for.
+
+    The completion is the first of: the all-reduce's futures completing (CPU tensors: a gloo
+    work's future completes, and runs its callbacks, on gloo's thread as the transfer ends), a
+    :meth:`poll` that finds it complete, the end of the wait for it (:meth:`done`). A CUDA work's
+    future completes when the work is enqueued, not done, so on CUDA only the polls (one per
+    step) and the wait count: the time is then an upper bound, to within a step.
+    """
+
+    def __init__(self, launched: float | None = None) -> None:
+        #: when the all-reduce was launched
+        self.launched = time.perf_counter() if launched is None else launched
+        #: when it completed (None: not known yet)
+        self.completed: float | None = None
+        self._lock = threading.Lock()
+        self._remaining = 0
+
+    def watch(self, pending: PendingSum) -> None:
+        """Take the completion from ``pending``'s futures where they tell it (see the class doc)."""
+        handle = getattr(pending, "_handle", None)
+        works = list(getattr(handle, "_works", ()) or ())
+        if handle is None or not works:  # synchronous (compressed, one process): complete already
+            self.done()
+            return
+        if getattr(handle, "_cuda", False):
+            return
+        try:
+            futures = [w.get_future() for w in works]
+        except (AttributeError, RuntimeError):  # a backend without futures: polls and the wait
+            return
+        self._remaining = len(futures)
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    def _one_done(self, _future: Any) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._set(now)
+
+    def _set(self, now: float) -> None:
+        self.completed = now if self.completed is None else min(self.completed, now)
+
+    def poll(self, pending: PendingSum) -> None:
+        """Note the completion if ``pending`` has completed (never blocks)."""
+        if self.completed is None and pending.is_completed():
+            with self._lock:
+                self._set(time.perf_counter())
+
+    def done(self) -> None:
+        """The all-reduce is complete (its wait returned): an upper bound of its completion."""
+        with self._lock:
+            self._set(time.perf_counter())
+
+    @property
+    def seconds(self) -> float | None:
+        """``completed - launched`` (None before the completion is known)."""
+        return None if self.completed is None else max(0.0, self.completed - self.launched)
 
 
 @dataclass
@@ -332,11 +533,25 @@ class InFlight:
     #: computed (None for a buffer); added to the mean pseudo-gradient when the all-reduce completes,
     #: so the round is applied against the outer weights it lands on (CO2's second round of a fit)
     shift: list[Tensor | None] | None = None
+    #: when the all-reduce was launched and completed (None: not timed, e.g. restored from a checkpoint)
+    clock: RoundClock | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """The all-reduce's transfer time, launch to completion (None: not known)."""
+        return None if self.clock is None else self.clock.seconds
+
+    def poll(self) -> None:
+        """Note the completion time if the all-reduce has completed (never blocks)."""
+        if self.clock is not None:
+            self.clock.poll(self.pending)
 
     def wait(self) -> MaskedSum:
         """Complete the all-reduce (idempotent), adding :attr:`shift` to the mean pseudo-gradients."""
         if self.result is None:
             result = self.pending.wait()
+            if self.clock is not None:
+                self.clock.done()
             if self.shift is not None and result.valid > 0 and result.weight > 0:
                 # the outer step takes (sum / valid) * (weight / valid): move that by `shift`
                 alpha = result.valid * result.valid / result.weight
