@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_fedopt.fault_tolerance._servers import url_host
+
 __all__ = ["main"]
 
 POLL_S = 0.05
@@ -50,13 +52,6 @@ POLL_S = 0.05
 
 def _log(msg: str) -> None:
     print(f"[ft-launch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _url_host(host: str) -> str:
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
 
 
 def _describe(rc: int) -> str:
@@ -97,14 +92,14 @@ class _Launcher:
         from torchft.coordination import LighthouseServer
 
         self.lighthouse = LighthouseServer(
-            bind=f"{_url_host(self.args.bind)}:{self.args.lighthouse_port}",
+            bind=f"{url_host(self.args.bind)}:{self.args.lighthouse_port}",
             min_replicas=self.args.min_replicas,
             join_timeout_ms=self.args.join_timeout_ms,
             quorum_tick_ms=self.args.quorum_tick_ms,
             heartbeat_timeout_ms=self.args.heartbeat_timeout_ms,
         )
         port = int(str(self.lighthouse.address()).rsplit(":", 1)[1])  # it advertises the hostname
-        self.address = f"http://{_url_host(self.args.bind)}:{port}"
+        self.address = f"http://{url_host(self.args.bind)}:{port}"
         _log(f"lighthouse on {self.address} (min_replicas={self.args.min_replicas})")
         self.event(event="lighthouse", address=self.address, pid=os.getpid())
 

@@ -13,6 +13,7 @@ from torchft_helpers import one_group as _one_group
 pytest.importorskip("torchft")
 
 from lightning_fedopt.fault_tolerance import _torchft as ft
+from lightning_fedopt.fault_tolerance._servers import bound_http_transport
 
 
 # --------------------------------------------------------------------------- without processes
@@ -162,7 +163,7 @@ def test_the_checkpoint_transport_counts_the_bytes_it_serves_and_fetches() -> No
     import time
     from datetime import timedelta
 
-    transport = ft._bound_http_transport(timedelta(seconds=5), "127.0.0.1")
+    transport = bound_http_transport(timedelta(seconds=5), "127.0.0.1")
     try:
         state = {"w": torch.arange(100, dtype=torch.float32), "step": 7}
         transport.send_checkpoint([1, 2], step=3, state_dict=state, timeout=timedelta(seconds=5))
