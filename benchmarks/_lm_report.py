@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.harness import SINGLE_PAR, WARMUP_STEPS_SKIPPED
 
-__all__ = ["BYTE_GOALS", "plot", "print_goals", "print_long_goals", "print_report", "summarize"]
+__all__ = ["BYTE_GOALS", "plot", "print_goals", "print_long_goals", "print_report", "print_wall", "summarize"]
 
 #: the issue's goals: (row, max % above DDP's final val bpb, min x fewer bytes in all, words)
 BYTE_GOALS = (
@@ -244,9 +244,49 @@ def print_long_goals(summary: list[dict[str, Any]], scaling_law: dict[int, float
             )
 
 
-def plot(val_rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Val bpb vs tokens per replica, vs bytes sent per replica (log) and vs wall seconds; one line of
-    panels per world size, the first seed of each."""
+def print_wall(summary: list[dict[str, Any]]) -> None:
+    """``--equal-wall`` (:mod:`benchmarks._lm_wall`), per world size and seed: every row's H, steps,
+    training wall time against the budget T and final validation loss, and the issue's verdict
+    (the ``*_auto`` row's final loss vs the best other row's, goal <= +1%)."""
+    for n, seed in dict.fromkeys((s["world_size"], s["seed"]) for s in summary if "budget_s" in s):
+        group = [s for s in summary if (s["world_size"], s["seed"]) == (n, seed) and "budget_s" in s]
+        auto = next(s for s in group if s["strategy"].endswith("_auto"))
+        best = min((s for s in group if s is not auto), key=lambda s: s["final_val_loss"], default=None)
+        budget, tol = auto["budget_s"], auto["wall_tol_pct"]
+        print(
+            f"\n=== equal wall-clock budget, {n} replicas ({auto['mode']}), seed {seed}: T = {budget:.2f}s "
+            f"({auto['budget_source']}), training time without validation ==="
+        )
+        head = (
+            f"{'row':<16} {'H mean':>7} {'steps':>6} {'val every':>9} {'train s':>8} {'vs T':>7} "
+            f"{'val loss':>8} {'val bpb':>8} {'vs best':>8}  H: steps between rounds"
+        )
+        print(head + "\n" + "-" * len(head))
+        for s in group:
+            vs = f"{100 * (s['final_val_loss'] / best['final_val_loss'] - 1):+.2f}%" if best else "-"
+            print(
+                f"{s['strategy']:<16} {s['h_mean']:>7.1f} {s['steps']:>6} {s['val_every']:>9} "
+                f"{s['train_wall_s']:>8.2f} {s['wall_vs_budget_pct']:>+6.1f}% {s['final_val_loss']:>8.4f} "
+                f"{s['final_val_bpb']:>8.4f} {vs:>8}  {s['h_intervals']}"
+            )
+        for s in group:
+            if s["earlier_runs"]:
+                print(f"  {s['strategy']}: also ran {s['earlier_runs']} (not kept: further off T)")
+        off = [s["strategy"] for s in group if abs(s["wall_vs_budget_pct"]) > tol]
+        print(f"training wall times within +-{tol:g}% of T: {'every row' if not off else f'NOT {off}'}")
+        if best is not None:
+            d = 100 * (auto["final_val_loss"] / best["final_val_loss"] - 1)
+            print(
+                f"verdict: {auto['strategy']}'s final loss vs the best fixed H's ({best['strategy']}, "
+                f"{best['final_val_loss']:.4f}): {d:+.2f}% (goal <= +1%) -> {'MET' if d <= 1 else 'NOT met'}"
+                + (f" (but {off} ran off T: not an equal budget)" if off else "")
+            )
+
+
+def plot(val_rows: list[dict[str, Any]], path: Path, title: str, wall_key: str = "wall_s") -> None:
+    """Val bpb vs tokens per replica, vs bytes sent per replica (log) and vs wall seconds (the rows'
+    ``wall_key``: ``"train_wall_s"``, validation excluded); one line of panels per world size, the
+    first seed of each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,8 +305,9 @@ def plot(val_rows: list[dict[str, Any]], path: Path, title: str) -> None:
             style = {"color": colors[i % 20], "marker": "o", "markersize": 3}
             line[0].plot([r["tokens_per_replica"] for r in rs], bpb, label=name, **style)
             line[1].plot([max(r["bytes_sent"], 1) for r in rs], bpb, label=name, **style)
-            line[2].plot([r["wall_s"] for r in rs], bpb, label=name, **style)
-        for ax, xlabel in zip(line, ("tokens per replica", "bytes sent per replica (log)", "wall seconds")):
+            line[2].plot([r[wall_key] for r in rs], bpb, label=name, **style)
+        wall = "wall seconds" + (", validation excluded" if wall_key == "train_wall_s" else "")
+        for ax, xlabel in zip(line, ("tokens per replica", "bytes sent per replica (log)", wall)):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"val bits per byte ({n} replicas, seed {seed})")
             ax.grid(True, alpha=0.3)

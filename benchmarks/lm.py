@@ -4,6 +4,7 @@
     python -m benchmarks.lm                  # the outer sweep, then every row at 2 and 4 ranks, seeds 0 and 1
     sudo python -m benchmarks.lm --netns --rate 100mbit     # each rank its own host, 100 Mbit/s links
     python -m benchmarks.lm --strategies ddp,diloco_h64 --world-sizes 2 --seeds 0 --steps 256
+    python -m benchmarks.lm --equal-wall --strategies diloco_h8,diloco_h32,diloco_auto --world-sizes 2 --seeds 0
 
 One model (``examples.lm.LanguageModel``: a byte-level GPT, by default the benchmark's small size
 d_model 64, 2 layers, 2 heads, seq_len 128 -- 125k parameters -- so that a step takes ~15 ms on
@@ -25,22 +26,29 @@ momentum 0.9) and no compute-only reference. Outputs in ``--out``: ``<name>.csv`
 row per validation: world size, seed, tokens per replica, val loss/bpb, bytes, wall seconds),
 ``<name>_steps.csv``, ``<name>_summary.csv`` (one row per run), ``<name>.png`` (val bpb against
 tokens, bytes sent and wall time), and a printed table with the spread over seeds and the goals.
+
+``--equal-wall`` (:mod:`benchmarks._lm_wall`): not equal tokens but equal training wall time --
+the ``*_auto`` row of ``--strategies`` runs ``--steps`` steps (its training time, validation
+excluded, is the budget T, or ``--wall-budget``), every other row the steps that fill T (its own
+warm-up + cosine over them), then a table of H, steps, time vs T and final loss vs the best row's.
+Any ``diloco_h<N>`` names DiLoCo at H=N with the DiLoCo rows' outer step (:func:`diloco_h`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _lm_report, compare, rows
+from benchmarks import _lm_report, _lm_wall, compare, rows
 from benchmarks.harness import SINGLE_PAR, Row, Suite, write_csv
 from benchmarks.rows import lf_row
 
-__all__ = ["QUICK", "ROWS", "SUITE", "SWEEP", "main", "summarize"]
+__all__ = ["QUICK", "ROWS", "SUITE", "SWEEP", "WALL_ROWS", "diloco_h", "main", "summarize"]
 
 summarize = _lm_report.summarize
 
@@ -68,6 +76,37 @@ def _diloco(h: int, **kw: Any) -> Callable[[], Any]:
     return make
 
 
+_DILOCO_H = re.compile(r"diloco_h([1-9][0-9]*)")
+
+
+def diloco_h(name: str) -> int | None:
+    """``N`` of a row named ``diloco_h<N>``, else None.
+
+    >>> diloco_h("diloco_h128"), diloco_h("diloco_h16_lr0.6"), diloco_h("diloco_auto")
+    (128, None, None)
+    """
+    m = _DILOCO_H.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _diloco_row(h: int) -> Row:
+    return (f"DiLoCoStrategy(sync_every={h}), outer Nesterov SGD (swept lr/momentum)", _diloco(h))
+
+
+class _Rows(dict[str, Row]):
+    """Rows by name that also holds every ``diloco_h<N>`` (:func:`diloco_h`, :func:`_diloco_row`):
+    the lookup behind :data:`SUITE`'s ``row``/``knows``, so any H can be named wherever rows are."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and diloco_h(name) is not None)
+
+    def __missing__(self, name: str) -> Row:
+        h = diloco_h(name)
+        if h is None:
+            raise KeyError(name)
+        return _diloco_row(h)
+
+
 def _post_local_sgd(period: int, warmup_steps: int) -> Callable[[], Any]:
     def make() -> Any:
         from benchmarks._post_local import TorchPostLocalSGDStrategy
@@ -89,10 +128,10 @@ ROWS: dict[str, Row] = {
         _post_local_sgd(16, 64),
     ),
     "local_sgd": ("LocalSGDStrategy(sync_every=16)", lf_row("LocalSGDStrategy", sync_every=16)),
-    "diloco_h16": ("DiLoCoStrategy(sync_every=16), outer Nesterov SGD (swept lr/momentum)", _diloco(16)),
-    "diloco_h64": ("DiLoCoStrategy(sync_every=64), outer Nesterov SGD (swept lr/momentum)", _diloco(64)),
-    "diloco_h32": ("DiLoCoStrategy(sync_every=32), outer Nesterov SGD (swept lr/momentum)", _diloco(32)),
-    "diloco_h256": ("DiLoCoStrategy(sync_every=256), outer Nesterov SGD (swept lr/momentum)", _diloco(256)),
+    "diloco_h16": _diloco_row(16),
+    "diloco_h64": _diloco_row(64),
+    "diloco_h32": _diloco_row(32),
+    "diloco_h256": _diloco_row(256),
     "diloco_int8": ("DiLoCoStrategy(64, compressor='int8')", _diloco(64, compressor="int8")),
     "diloco_int4": (
         "DiLoCoStrategy(64, compressor='int4', initial_sync='check')",
@@ -112,10 +151,7 @@ ROWS: dict[str, Row] = {
         lf_row("SparseLoCoStrategy", sync_every=16),
     ),
     "sparseloco_h32": ("SparseLoCoStrategy(sync_every=32)", lf_row("SparseLoCoStrategy", sync_every=32)),
-    "diloco_auto": (
-        "DiLoCoStrategy(sync_every='auto'): H chosen from the measured step and link for a 5% communication budget",
-        lf_row("DiLoCoStrategy", sync_every="auto"),
-    ),
+    "diloco_auto": rows.BY_NAME["diloco_auto"],
     "desloc_h16": (
         "DESLOCStrategy(sync_every=16, moment_periods=(3, 6)): exp_avg every 48, exp_avg_sq every 96 steps",
         lf_row("DESLOCStrategy", sync_every=16, moment_periods=(3, 6)),
@@ -168,9 +204,11 @@ SCALING_LAW_35M_H30 = {1: None, 2: 0.7, 4: 2.0, 8: 3.9}
 QUICK = ("ddp", "local_sgd", "diloco_h16", "diloco_h64", "diloco_int4")
 #: the rows of the default plan at 4 ranks (``--strategies`` runs the rows it names at every size)
 FOUR_RANK_ROWS = ("ddp", "post_local_sgd", "diloco_h64", "diloco_int4", "co2", "noloco")
+#: the rows of ``--equal-wall`` unless ``--strategies`` names them
+WALL_ROWS = ("diloco_auto", "diloco_h8", "diloco_h16", "diloco_h32", "diloco_h64", "diloco_h128")
 SUITE = Suite(
     strategies=ROWS,
-    extra={**SWEEP, **LONG_SWEEP},
+    extra=_Rows({**SWEEP, **LONG_SWEEP}),
     model_kwargs={
         "muloco_h32": {"optimizer": "muon"},
         "diloco_muon_h16": {"optimizer": "muon"},
@@ -214,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the long preset: 2048 steps, 4 and 2 replicas, seeds 0,1; DiLoCo H=16/32 (lr swept per replicas), "
         "SparseLoCo, CO2, DDP, compute only; --strategies adds rows",
+    )
+    g.add_argument(
+        "--equal-wall",
+        action="store_true",
+        help="every row at the training wall time of the *_auto row at --steps (or --wall-budget): the steps that "
+        f"fill it (default rows {','.join(WALL_ROWS)}; no sweep, no compute-only reference)",
+    )
+    g.add_argument("--wall-budget", type=float, default=None, help="--equal-wall: the budget T in seconds")
+    g.add_argument(
+        "--wall-tol", type=float, default=3.0, help="--equal-wall: %% off T after which a row runs once more"
     )
     return p
 
@@ -269,6 +317,15 @@ def _work(args: argparse.Namespace) -> None:
 # ====================================================================== the plan
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    """The rows of a comma list; exits naming the unknown ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if not SUITE.knows(n)]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; known: {[*ROWS, *SWEEP, SINGLE_PAR]} and any diloco_h<N>")
+    return names
 
 
 def _run(
@@ -329,10 +386,7 @@ def sweep(args: argparse.Namespace, logdir: Path) -> tuple[dict[str, Any], tuple
 # ====================================================================== the run
 def runner(args: argparse.Namespace) -> None:
     """The plan: sweep (unless given), then every row at every world size and seed; outputs and report."""
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
-    unknown = [n for n in names if not SUITE.knows(n)]
-    if unknown:
-        sys.exit(f"unknown rows {unknown}; known: {[*ROWS, *SWEEP, SINGLE_PAR]}")
+    names = _names(args.strategies)
     if not args.no_single and SINGLE_PAR not in names:
         names.append(SINGLE_PAR)  # compute only: N processes training without talking
     name = args.name or ("lm_quick" if args.quick else "lm") + (f"_netns_{args.rate}" if args.netns else "")
@@ -365,6 +419,16 @@ def runner(args: argparse.Namespace) -> None:
     _report(args, runs, name, outdir, t0, hidden=set(SWEEP))
 
 
+def wall_runner(args: argparse.Namespace) -> None:
+    """``--equal-wall``: every row at the training wall time of the ``*_auto`` row (:mod:`benchmarks._lm_wall`);
+    no sweep (``--outer-lr/--outer-momentum``, else :data:`DEFAULT_OUTER`), no compute-only reference."""
+    if args.outer_lr is None:
+        args.outer_lr, args.outer_momentum = DEFAULT_OUTER["lr"], DEFAULT_OUTER["momentum"]
+    print(f"DiLoCo rows: outer Nesterov SGD lr {args.outer_lr:g}, momentum {args.outer_momentum:g}")
+    name = args.name or "lm_wall" + (f"_netns_{args.rate}" if args.netns else "")
+    _lm_wall.runner(args, _run, _report, diloco_h, _names(args.strategies), name)
+
+
 def _report(
     args: argparse.Namespace,
     runs: dict[tuple[int, int, str], dict[str, Any]],
@@ -372,8 +436,10 @@ def _report(
     outdir: Path,
     t0: float,
     hidden: set[str],
+    steps_words: str | None = None,
 ) -> None:
-    """Summaries, the printed report (rows of ``hidden`` left out of it), the CSVs and the PNG."""
+    """Summaries, the printed report (rows of ``hidden`` left out of it), the CSVs and the PNG;
+    ``steps_words`` for the title where the rows ran different steps (their own in the table)."""
     tokens_per_step = args.batch_size * args.seq_len
     summary = _lm_report.summarize(runs, tokens_per_step)
     for s in summary:
@@ -384,6 +450,7 @@ def _report(
             )
         else:
             s["outer_lr"], s["outer_momentum"] = args.outer_lr, args.outer_momentum
+        s.update(runs[(s["world_size"], s["seed"], s["strategy"])].get("summary_extra", {}))
     val_rows = [
         {
             "world_size": n,
@@ -403,23 +470,29 @@ def _report(
     n_params = next(iter(runs.values()))["n_params"]
     title = (
         f"{name}: GPT d_model={args.d_model} layers={args.n_layers} seq_len={args.seq_len} ({n_params} parameters), "
-        f"batch {args.batch_size}/replica, {args.steps} steps, stdlib text ({'IID' if args.iid else 'non-IID'})"
+        f"batch {args.batch_size}/replica, {steps_words or f'{args.steps} steps'}, stdlib text ({'IID' if args.iid else 'non-IID'})"
     )
     outer = (
         "DiLoCo outer lr: the sweep's best per replicas and H (momentum 0.9)"
         if args.long
         else f"DiLoCo outer lr {args.outer_lr:g} momentum {args.outer_momentum:g}"
     )
-    print(f"\n{title}; tokens per replica {args.steps * tokens_per_step}; {outer}")
+    tokens = "" if steps_words else f"; tokens per replica {args.steps * tokens_per_step}"
+    print(f"\n{title}{tokens}; {outer}")
     shown = [s for s in summary if s["strategy"] not in hidden]
     _lm_report.print_report(shown)
     if args.long:
         _lm_report.print_long_goals(shown, SCALING_LAW_35M_H30)
+    if args.equal_wall:
+        _lm_report.print_wall(shown)
     outdir.mkdir(parents=True, exist_ok=True)
     write_csv(outdir / f"{name}.csv", val_rows)
     write_csv(outdir / f"{name}_steps.csv", steps)
     write_csv(outdir / f"{name}_summary.csv", summary)
-    _lm_report.plot([r for r in val_rows if r["strategy"] not in hidden], outdir / f"{name}.png", title)
+    shown_rows = [r for r in val_rows if r["strategy"] not in hidden]
+    _lm_report.plot(
+        shown_rows, outdir / f"{name}.png", title, "train_wall_s" if args.equal_wall else "wall_s"
+    )
     print(
         f"\nwrote {outdir / name}.csv, {name}_steps.csv, {name}_summary.csv, {name}.png "
         f"(total {time.perf_counter() - t0:.0f}s)"
@@ -450,10 +523,7 @@ def long_runner(args: argparse.Namespace) -> None:
     logdir = outdir / "logs" / name
     logdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    extra = [n.strip() for n in (args.strategies or "").split(",") if n.strip()]
-    unknown = [n for n in extra if not SUITE.knows(n)]
-    if unknown:
-        sys.exit(f"unknown rows {unknown}; known: {[*ROWS, *SWEEP, SINGLE_PAR]}")
+    extra = _names(args.strategies or "")
     base = [*LONG_ROWS, *[n for n in extra if n not in LONG_ROWS], SINGLE_PAR]
     runs: dict[tuple[int, int, str], dict[str, Any]] = {}
     seeds = _ints(args.seeds)
@@ -501,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if (args.outer_lr is None) != (args.outer_momentum is None):
         sys.exit("--outer-lr and --outer-momentum go together")
+    if args.equal_wall and (args.long or args.quick):
+        sys.exit("--equal-wall goes with neither --long nor --quick")
     if args.long:
         args.seeds = args.seeds or "0,1"
         args.world_sizes = args.world_sizes or "4,2"
@@ -514,10 +586,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.val_every = args.val_every or (64 if args.quick else 128)
     args.four_rank_subset = args.strategies is None and not args.quick
     if args.strategies is None:
-        args.strategies = ",".join(QUICK if args.quick else ROWS)
+        args.strategies = ",".join(QUICK if args.quick else WALL_ROWS if args.equal_wall else ROWS)
     if args.quick:  # no compute-only reference, no sweep: DEFAULT_OUTER unless given
         args.no_single = args.no_sweep = True
-    runner(args)
+    (wall_runner if args.equal_wall else runner)(args)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,25 @@ def measured_compute(path: str | Path) -> tuple[float, float, float]:
     return ms / 1e3, float(r["n_params"]), float(r["tokens_per_replica"]) / float(r["steps"])
 
 
+def _window_rounds(path: str | Path) -> dict[tuple[str, str], tuple[int, int]]:
+    """``(seed or repeat, row) -> (rounds, steps)`` inside the step-time window (the steps after
+    :data:`benchmarks.harness.WARMUP_STEPS_SKIPPED`, which ``mean_step_ms`` averages), from the
+    ``_steps.csv`` beside a summary; empty when there is none."""
+    from benchmarks.harness import WARMUP_STEPS_SKIPPED
+
+    steps_csv = Path(str(path).removesuffix("_summary.csv") + "_steps.csv")
+    if not str(path).endswith("_summary.csv") or not steps_csv.exists():
+        return {}
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in _read(steps_csv):
+        if int(r["step"]) <= WARMUP_STEPS_SKIPPED:
+            continue
+        key = (r.get("seed", r.get("repeat", "0")), r["strategy"])
+        rounds, n = out.get(key, (0, 0))
+        out[key] = (rounds + int(float(r["sync"] or 0) > 0), n + 1)
+    return out
+
+
 def _rate_of(mode: str) -> float | None:
     return parse_rate(mode.split("-", 1)[1].split()[0]) if mode.startswith("netns-") else None
 
@@ -183,6 +202,7 @@ def check(
     and left out of the median. Prints the table (headed by ``label`` when given), returns its
     rows."""
     out: list[dict[str, Any]] = []
+    window = _window_rounds(path)
     for r in _read(path):
         name, spec = r["strategy"], SPECS.get(r["strategy"])
         link = parse_rate(rate) if rate else _rate_of(r["mode"])
@@ -216,8 +236,9 @@ def check(
             steps=steps,
             round_bytes=counted,
         )
-        if name in AUTO_ROWS:  # rounds of the run's own (changing) H: its rounds per step
-            p = Prediction(name, p.bytes_per_step, p.round_seconds, p.round_seconds * syncs / steps, compute)
+        if name in AUTO_ROWS:  # the run's own (changing) H: its rounds per step where it was timed
+            rounds, timed = window.get((r["seed"], name), (syncs, steps))
+            p = Prediction(name, p.bytes_per_step, p.round_seconds, p.round_seconds * rounds / timed, compute)
         model_bytes = bytes_per_round(spec, params, n)
         out.append(
             {
