@@ -58,7 +58,6 @@ from lightning_fedopt.plan import (
     Spec,
     bytes_per_round,
     exposed_seconds,
-    fit_overhead,
     parse_rate,
     predict,
     round_seconds,
@@ -148,13 +147,21 @@ def _own_compute(r: Mapping[str, str], compute_from: str = "own") -> tuple[float
 
 
 def fit_overheads(
-    paths: Sequence[str | Path], *, rate: str | None = None, latency: float = 0.0, efficiency: float = 1.0
-) -> tuple[dict[int, float], set[tuple[str, int, str, str]]]:
-    """The per-round overhead per number of replicas, fitted to the fixed-``H`` uncompressed DiLoCo
-    runs of summary CSVs (their measured seconds a round: the mean step's excess over the run's
-    own steps without a round, times steps per round; median over the runs of one world size), and
-    the ``(resolved path, world size, seed, row)`` of the runs used."""
-    fits: dict[int, list[float]] = {}
+    paths: Sequence[str | Path],
+    *,
+    rate: str | None = None,
+    latency: float = 0.0,
+    efficiency: float = 1.0,
+    fit_efficiency: bool = False,
+) -> tuple[dict[int, tuple[float, float]], set[tuple[str, int, str, str]]]:
+    """``{replicas: (overhead, efficiency)}`` fitted to the fixed-``H`` uncompressed DiLoCo runs of
+    summary CSVs (their measured seconds a round: the mean step's excess over the run's own steps
+    without a round, times steps per round), and the ``(resolved path, world size, seed, row)`` of
+    the runs used. The overhead is the median of what the rounds took beyond their bytes (at
+    ``efficiency``) and hops; with ``fit_efficiency`` and rounds on at least two link rates at a
+    world size, ``seconds = bytes_time / efficiency + overhead`` is fitted by least squares there
+    (efficiency at most 1, overhead at least 0)."""
+    points: dict[int, list[tuple[float, float]]] = {}
     used: set[tuple[str, int, str, str]] = set()
     for path, r in ((str(Path(p).resolve()), r) for p in paths for r in _read(p)):
         name, spec = r["strategy"], SPECS.get(r["strategy"])
@@ -173,13 +180,25 @@ def fit_overheads(
         compute, _ = _own_compute(r)
         measured = (float(r["mean_step_ms"]) / 1e3 - compute) * steps / syncs
         nbytes = float(r["sync_bytes_sent"]) / syncs
-        fits.setdefault(n, []).append(fit_overhead(measured, spec, nbytes, n, link, latency, efficiency))
+        wire = round_seconds(spec, nbytes, n, link)  # the bytes' time at full rate
+        hops_s = round_seconds(spec, 0.0, n, link, latency)
+        points.setdefault(n, []).append((wire, measured - hops_s))
         used.add((path, n, r["seed"], name))
-    if not fits:
+    if not points:
         raise ValueError(
             f"{list(paths)}: no fixed-H DiLoCo run with its own steps and a known rate to fit to"
         )
-    return {n: statistics.median(v) for n, v in fits.items()}, used
+    out: dict[int, tuple[float, float]] = {}
+    for n, pts in points.items():
+        slope = 1.0 / efficiency
+        xs = [x for x, _ in pts]
+        if fit_efficiency and max(xs) > min(xs):
+            mx, my = statistics.fmean(xs), statistics.fmean(y for _, y in pts)
+            cov = sum((x - mx) * (y - my) for x, y in pts)
+            slope = max(1.0, cov / sum((x - mx) ** 2 for x in xs))
+        over = max(0.0, statistics.median(y - slope * x for x, y in pts))
+        out[n] = (over, 1.0 / slope)
+    return out, used
 
 
 def check(
@@ -188,7 +207,7 @@ def check(
     rate: str | None = None,
     latency: float = 0.0,
     efficiency: float = 1.0,
-    overhead: float | Mapping[int, float] = 0.0,
+    overhead: float | Mapping[int, tuple[float, float]] = 0.0,
     compute_from: str = "own",
     fitted: set[tuple[str, int, str, str]] | None = None,
     label: str | None = None,
@@ -197,8 +216,9 @@ def check(
     reference, a known rate (from its ``netns-<rate>`` mode, or ``rate``) and a :data:`SPECS` entry.
     Bytes per round: as counted by the run (sync bytes / syncs). Compute per step
     (``compute_from``): ``"own"``: the run's median step without a round where it has such steps
-    (not DDP), else ``"single_par"``'s mean step. ``overhead``: seconds per round, or per number of
-    replicas (:func:`fit_overheads`); runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
+    (not DDP), else ``"single_par"``'s mean step. ``overhead``: seconds per round, or
+    ``(overhead, efficiency)`` per number of replicas (:func:`fit_overheads`; this efficiency then
+    replaces ``efficiency``); runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
     and left out of the median. Prints the table (headed by ``label`` when given), returns its
     rows."""
     out: list[dict[str, Any]] = []
@@ -214,9 +234,13 @@ def check(
         # shared, so a reference measured at another moment drifts), else the compute-only reference
         compute, source = _own_compute(r, compute_from)
         syncs, sync_bytes = int(r["syncs"]), float(r["sync_bytes_sent"])
-        extra = overhead.get(n) if isinstance(overhead, Mapping) else overhead
-        if extra is None:
-            continue  # no overhead fitted at this number of replicas
+        eff = efficiency
+        if isinstance(overhead, Mapping):
+            if n not in overhead:
+                continue  # nothing fitted at this number of replicas
+            extra, eff = overhead[n]
+        else:
+            extra = overhead
         if spec.ddp_steps:  # rounds of two sizes (the DDP warm-up's gradients, then the averages)
             counted = None
         elif spec.kind == "streaming":  # its syncs are fragments: bytes per step times H
@@ -231,7 +255,7 @@ def check(
             link,
             compute,
             latency=latency,
-            efficiency=efficiency,
+            efficiency=eff,
             overhead=extra,
             steps=steps,
             round_bytes=counted,
@@ -343,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overhead", type=float, default=0.0, help="--check: fixed seconds a round beyond bytes and hops"
     )
     p.add_argument(
+        "--fit-efficiency",
+        action="store_true",
+        help="--overhead-from: also fit the achieved share of the rate (needs runs on two rates)",
+    )
+    p.add_argument(
         "--overhead-from",
         nargs="+",
         default=None,
@@ -362,15 +391,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.project``: see the module docstring and ``--help``."""
     args = build_parser().parse_args(argv)
     if args.check:
-        overhead: float | dict[int, float] = args.overhead
+        overhead: float | dict[int, tuple[float, float]] = args.overhead
         fitted: set[tuple[str, int, str, str]] = set()
         if args.overhead_from:
             overhead, fitted = fit_overheads(
-                args.overhead_from, rate=args.rate, latency=args.latency, efficiency=args.efficiency
+                args.overhead_from,
+                rate=args.rate,
+                latency=args.latency,
+                efficiency=args.efficiency,
+                fit_efficiency=args.fit_efficiency,
             )
             print(
-                f"overhead per round fitted to {' '.join(args.overhead_from)}: "
-                + ", ".join(f"{n} replicas {1e3 * s:.1f} ms" for n, s in sorted(overhead.items()))
+                f"fitted to {' '.join(args.overhead_from)}: "
+                + ", ".join(
+                    f"{n} replicas: overhead {1e3 * o:.1f} ms a round, efficiency {e:.3f}"
+                    for n, (o, e) in sorted(overhead.items())
+                )
             )
         everything: list[dict[str, Any]] = []
         for path in args.check:

@@ -512,12 +512,18 @@ def test_project_check_with_a_fitted_overhead(capsys: pytest.CaptureFixture[str]
         (2, "diloco_h16"),
         (4, "diloco_h16"),
     }
+    assert all(0.0 < o < 0.05 and e == 1.0 for o, e in overhead.values())
     rows = project.check(RESULTS / "plan_netns_1000mbit_summary.csv", overhead=overhead, fitted=used)
     by = {r["strategy"]: r for r in rows}
     assert by["diloco_h16"]["fit"] and not by["ddp"]["fit"]
     assert by["diloco_h16"]["error_pct"] == pytest.approx(0.0, abs=1e-6)  # fitted to itself
     assert "(1 used for the overhead's fit left out)" in capsys.readouterr().out
     assert by["diloco_auto"]["predicted_step_ms"] > by["diloco_auto"]["compute_ms"]
+    # two rates: overhead and efficiency fitted together, the fitted rounds reproduced
+    both, _ = project.fit_overheads([*fast, RESULTS / "plan_netns_10mbit_summary.csv"], fit_efficiency=True)
+    assert 0.5 < both[2][1] < 1.0 and both[4] == overhead[4]  # one rate at 4 replicas: nothing to fit
+    rows = project.check(RESULTS / "plan_netns_10mbit_summary.csv", overhead=both)
+    assert {r["strategy"]: r for r in rows}["diloco_h16"]["error_pct"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_plan_from_flops() -> None:
