@@ -84,6 +84,8 @@ class ReplicaRun:
     step_walls: list[float] = dataclasses.field(default_factory=list)
     #: ``sync_every="auto"``: when the last step ended (after its synchronisation, if any)
     last_step_end: float | None = None
+    #: ``sync_every="auto"``: seconds of each synchronisation since the last measurement
+    sync_walls: list[float] = dataclasses.field(default_factory=list)
 
     # ------------------------------------------------------------------ the step's life
     def end_step(self) -> None:
@@ -106,13 +108,14 @@ class ReplicaRun:
             self.step_walls.append(now - self.last_step_end)
 
     def step_seconds(self) -> float | None:
-        """The median wall time of this round's steps (None before two steps): robust to the slow
-        first steps of a fit and to an occasional validation."""
-        if not self.step_walls:
-            return None
-        walls = sorted(self.step_walls)
-        mid = len(walls) // 2
-        return walls[mid] if len(walls) % 2 else 0.5 * (walls[mid - 1] + walls[mid])
+        """The median wall time of the steps since the last measurement (None before two steps):
+        robust to the slow first steps of a fit, to an occasional validation and to load spikes."""
+        return _median(self.step_walls)
+
+    def sync_seconds(self) -> float | None:
+        """The median seconds of the synchronisations since the last measurement (None before one):
+        one slow or fast synchronisation does not decide ``H``."""
+        return _median(self.sync_walls)
 
     def note_nonfinite(self, excluded: int, local: bool, rank: int) -> None:
         """Record a synchronisation that excluded ``excluded`` replicas with non-finite weights."""
@@ -131,3 +134,11 @@ class ReplicaRun:
             log.warning(
                 "lightning_fedopt: %d replica(s) with non-finite weights excluded at step %d", excluded, step
             )
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])

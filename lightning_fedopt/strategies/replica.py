@@ -84,6 +84,7 @@ from lightning_fedopt._validate import check_bool, check_choice, check_float, ch
 from lightning_fedopt.comm import Communicator
 from lightning_fedopt.fault_tolerance._torchft import ENV_RESTARTS
 from lightning_fedopt.fault_tolerance.faults import FaultHandler, StopPolicy
+from lightning_fedopt.runtime.auto import agree_sync_every
 from lightning_fedopt.runtime.batchnorm import BatchNormStatistics
 from lightning_fedopt.runtime.checkpoints import ReplicaCheckpoints, StateRegistry
 from lightning_fedopt.runtime.communicators import Communicators, CountedDDPStrategy
@@ -805,18 +806,27 @@ class ReplicaStrategy(CountedDDPStrategy):
         counts.sync_count += 1
         step = counts.replica_step
         auto = self.schedule if isinstance(self.schedule, AutoSync) else None
-        if auto is not None and self.auto_measures(step, counts.sync_count):
-            # a step's wall time: the median interval between step ends (the loop's own time in it,
-            # the slow first steps of a fit out of it); the optimizer steps' mean before two steps
+        measured = auto is not None and self.auto_measures(step, counts.sync_count)
+        if auto is not None:
+            self.run.sync_walls.append(self.comms.stats.seconds - seconds_before)
+        if measured:
+            # the medians since the last measurement: a step's wall time (the interval between step
+            # ends: the loop's own time in it, the slow first steps of a fit out of it; the
+            # optimizer steps' mean before two steps) and a synchronisation's seconds
             step_seconds = self.run.step_seconds() or compute / max(computed, 1)
-            round_seconds = self.auto_round_seconds(self.comms.stats.seconds - seconds_before)
+            round_seconds = self.auto_round_seconds(self.run.sync_seconds() or 0.0)
             info = {**info, **self._choose_sync_every(step_seconds, round_seconds)}
+            self.run.sync_walls.clear()
         counts.steps_since_sync = 0
         counts.samples_since_sync = 0
         walls = list(self.run.step_walls)
         self.run.close_round(self.round_seconds is not None)
-        if auto is not None and not auto.round_ends(step):  # a fragment's event within a round
-            self.run.step_walls.extend(walls)
+        if (
+            auto is not None
+            and not measured
+            and (auto.remeasure_every is not None or not auto.round_ends(step))
+        ):
+            self.run.step_walls.extend(walls)  # kept until the next measurement
         info = {
             **info,
             "step": counts.replica_step,
@@ -839,8 +849,8 @@ class ReplicaStrategy(CountedDDPStrategy):
 
     def auto_round_seconds(self, blocking_seconds: float) -> float | None:
         """``sync_every="auto"``: the seconds of a round to choose ``H`` from, at a measured
-        synchronisation. ``blocking_seconds``: what the synchronisation took (its transfers and
-        waits), the default (a blocking round). A strategy whose rounds overlap compute returns the
+        synchronisation. ``blocking_seconds``: the median of what the synchronisations since the
+        last measurement took (their transfers and waits), the default (a blocking round). A strategy whose rounds overlap compute returns the
         transfer time of its last completed round instead, or None when it does not know it (e.g.
         the round was restored from a checkpoint): then no rank changes ``H`` at this measurement."""
         return blocking_seconds
@@ -856,38 +866,18 @@ class ReplicaStrategy(CountedDDPStrategy):
         with a round in flight may note whether it has completed."""
 
     def _choose_sync_every(self, step_seconds: float, round_seconds: float | None) -> dict[str, float]:
-        """``sync_every="auto"``: every rank takes the slowest rank's compute time per step and
-        the round's seconds, and the same ``H`` from them (one 32-byte all-reduce, max). The
-        round's seconds are the largest rank's for a blocking round; for a timed one
-        (:meth:`auto_round_timed`) the smallest: each rank measures from its own launch, and a rank
-        that launched early counts its wait for the last one, which no ``H`` changes. If a rank
-        does not know them, ``H`` stays."""
-        auto = self.schedule
-        assert isinstance(auto, AutoSync)
-        known = round_seconds is not None
-        secs = float(round_seconds) if round_seconds is not None else 0.0
-        measured = torch.tensor(
-            [step_seconds, secs, -secs, 0.0 if known else 1.0], dtype=torch.float64, device=self.root_device
+        """``sync_every="auto"``: the ranks' numbers agreed and ``H`` chosen (:func:`agree_sync_every`)."""
+        assert isinstance(self.schedule, AutoSync)
+        return agree_sync_every(
+            self.schedule,
+            self.comm,
+            self.root_device,
+            step=self.run.counts.replica_step,
+            step_seconds=step_seconds,
+            round_seconds=round_seconds,
+            timed=self.auto_round_timed(),
+            overlapped=self.auto_overlapped,
         )
-        self.comm.all_reduce([measured], "max", purpose="control")
-        step_s = float(measured[0])
-        smallest = self.auto_round_timed()
-        sync_s = -float(measured[2]) if smallest else float(measured[1])
-        if float(measured[3]) > 0:
-            log.info(
-                "lightning_fedopt: sync_every='auto': a round's time is not known on every rank; H stays"
-            )
-            return {"measured_step_seconds": step_s}
-        every = auto.decide(self.run.counts.replica_step, step_s, sync_s, overlapped=self.auto_overlapped)
-        log.info(
-            "lightning_fedopt: sync_every='auto': %.4f s per step, %.4f s per round%s -> H = %d (budget %.0f%%)",
-            step_s,
-            sync_s,
-            " (overlapped)" if smallest else "",
-            every,
-            100 * auto.budget,
-        )
-        return {"sync_every": float(every), "measured_step_seconds": step_s, "measured_sync_seconds": sync_s}
 
     def _close_training(self, close: Callable[[], None]) -> None:
         """Run ``close`` (the final synchronisation) and count it as a synchronisation if it was one."""

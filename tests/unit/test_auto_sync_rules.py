@@ -132,3 +132,20 @@ def test_round_clock_measures_launch_to_completion():
     assert first is not None and first > 0
     clock.done()  # the earliest completion counts
     assert clock.seconds == first
+
+
+def test_replica_run_takes_medians_since_the_last_measurement() -> None:
+    """``sync_every="auto"`` decides from the medians of the steps and synchronisations since the
+    last measurement: one slow synchronisation or step (a load spike) does not move ``H``."""
+    from lightning_fedopt.runtime.run import ReplicaRun
+
+    run = ReplicaRun()
+    assert run.step_seconds() is None and run.sync_seconds() is None
+    run.sync_walls += [0.05, 0.9, 0.06]
+    assert run.sync_seconds() == 0.06
+    run.last_step_end = 0.0
+    for now in (0.01, 0.02, 0.5, 0.51):
+        run.note_step_end(now)
+        run.last_step_end = now
+    assert run.step_walls == pytest.approx([0.01, 0.01, 0.48, 0.01])
+    assert run.step_seconds() == pytest.approx(0.01)
