@@ -170,13 +170,26 @@ def print_goals(summary: list[dict[str, Any]], n: int) -> None:
         )
     for auto in [k for k in dict.fromkeys(s["strategy"] for s in summary) if k.endswith("_auto")]:
         step, own = mean(auto, "mean_step_ms"), mean(auto, "median_nonsync_step_ms")
-        steps, syncs = mean(auto, "steps"), mean(auto, "syncs")
+        steps, syncs, synced = mean(auto, "steps"), mean(auto, "syncs"), mean(auto, "median_sync_step_ms")
         if step and own and syncs:
             share = max(0.0, 1 - own / step)
-            verdict = "MET" if abs(share - 0.05) <= 0.02 else "NOT met"
+            # robust to load spikes (a shared machine): medians of the steps with and without a round
+            robust = (
+                syncs * max(0.0, synced - own) / (steps * own + syncs * max(0.0, synced - own))
+                if synced
+                else None
+            )
+            judged = robust if robust is not None else share
+            verdict = "MET" if abs(judged - 0.05) <= 0.02 else "NOT met"
             print(
                 f"  {auto}: mean H {steps / syncs:.1f} ({syncs:.0f} syncs in {steps:.0f} steps), communication share "
-                f"{share:.3f} of the step (1 - step without a sync / mean step; goal 0.05 +- 0.02: {verdict}; {mode})"
+                f"{share:.3f} of the step (1 - step without a sync / mean step)"
+                + (
+                    f", {robust:.3f} from the medians (rounds x (median step with a sync - without) / time)"
+                    if robust is not None
+                    else ""
+                )
+                + f"; goal 0.05 +- 0.02: {verdict}; {mode}"
             )
     co2, ref = mean("co2", "mean_step_ms"), mean("co2", "compute_only_step_ms")
     if co2 is not None and ref:
