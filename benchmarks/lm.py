@@ -64,7 +64,7 @@ def _sweep_name(lr: float, momentum: float) -> str:
     return f"sweep_h64_lr{lr:g}_m{momentum:g}"
 
 
-def _diloco(h: int, **kw: Any) -> Callable[[], Any]:
+def _diloco(h: int | str, **kw: Any) -> Callable[[], Any]:
     """``DiLoCoStrategy(sync_every=h, outer Nesterov SGD at the chosen lr/momentum, **kw)``."""
 
     def make() -> Any:
@@ -142,6 +142,14 @@ ROWS: dict[str, Row] = {
         _diloco(64, fragments=4, sync_delay=8, mixing=0.5),
     ),
     "co2": rows.STRATEGIES["co2"],
+    "co2_auto": (
+        "CO2Strategy(sync_every='auto'): H by the overlapped rule from the round's launch-to-completion time",
+        lf_row("CO2Strategy", sync_every="auto"),
+    ),
+    "streaming_auto": (
+        "DiLoCoStrategy('auto', fragments=4, sync_delay=1): the fragment schedule's H from the measured rounds",
+        _diloco("auto", fragments=4, sync_delay=1),
+    ),
     "co2_h16": (
         "CO2Strategy(sync_every=16): the library's defaults (beta by world size)",
         lf_row("CO2Strategy", sync_every=16),

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +79,7 @@ __all__ = [
     "parse_rate",
     "predict",
     "round_seconds",
+    "spec_of",
 ]
 
 #: the rows of :mod:`benchmarks.lm`
@@ -98,6 +100,15 @@ SPECS: dict[str, Spec] = {
 }
 #: rows whose ``H`` changes during the run (``sync_every="auto"``)
 AUTO_ROWS = ("diloco_auto",)
+
+
+def spec_of(name: str) -> Spec | None:
+    """The :data:`SPECS` entry of a row, or for any ``diloco_h<N>`` (benchmarks.lm's generic rows)
+    a blocking all-reduce every ``N`` steps; None for a row the model does not know."""
+    from benchmarks.lm import diloco_h
+
+    h = diloco_h(name)
+    return SPECS.get(name) or (Spec("all_reduce", h) if h is not None else None)
 
 
 # ====================================================================== inputs
@@ -136,6 +147,25 @@ def _window_rounds(path: str | Path) -> dict[tuple[str, str], tuple[int, int]]:
     return out
 
 
+def measured_rate(path: str | Path) -> float | None:
+    """The TCP throughput the netns run of a summary measured on its link before the runs (bits/s;
+    printed as ``measured TCP throughput ...: X Mbit/s`` in ``<name>_run.txt`` beside it), or None."""
+    run_txt = Path(str(path).removesuffix("_summary.csv") + "_run.txt")
+    if not run_txt.exists():
+        return None
+    found = re.findall(
+        r"measured TCP throughput [^:]*: ([0-9.]+) Mbit/s", run_txt.read_text(errors="replace")
+    )
+    return statistics.median(float(x) for x in found) * 1e6 if found else None
+
+
+def _link_rate(path: str | Path, mode: str, rate: str | None, measured: bool) -> float | None:
+    """A run's link rate: ``rate``, else the measured TCP throughput (``measured``), else its mode's."""
+    if rate:
+        return parse_rate(rate)
+    return (measured_rate(path) if measured else None) or _rate_of(mode)
+
+
 def _rate_of(mode: str) -> float | None:
     return parse_rate(mode.split("-", 1)[1].split()[0]) if mode.startswith("netns-") else None
 
@@ -153,6 +183,7 @@ def fit_overheads(
     latency: float = 0.0,
     efficiency: float = 1.0,
     fit_efficiency: bool = False,
+    measured: bool = False,
 ) -> tuple[dict[int, tuple[float, float]], set[tuple[str, int, str, str]]]:
     """``{replicas: (overhead, efficiency)}`` fitted to the fixed-``H`` uncompressed DiLoCo runs of
     summary CSVs (their measured seconds a round: the mean step's excess over the run's own steps
@@ -160,12 +191,13 @@ def fit_overheads(
     the runs used. The overhead is the median of what the rounds took beyond their bytes (at
     ``efficiency``) and hops; with ``fit_efficiency`` and rounds on at least two link rates at a
     world size, ``seconds = bytes_time / efficiency + overhead`` is fitted by least squares there
-    (efficiency at most 1, overhead at least 0)."""
+    (efficiency at most 1, overhead at least 0). ``measured``: each run's link rate is the TCP
+    throughput measured on it (:func:`measured_rate`), not the nominal one."""
     points: dict[int, list[tuple[float, float]]] = {}
     used: set[tuple[str, int, str, str]] = set()
     for path, r in ((str(Path(p).resolve()), r) for p in paths for r in _read(p)):
-        name, spec = r["strategy"], SPECS.get(r["strategy"])
-        link = parse_rate(rate) if rate else _rate_of(r["mode"])
+        name, spec = r["strategy"], spec_of(r["strategy"])
+        link = _link_rate(path, r["mode"], rate, measured)
         if (
             spec is None
             or not name.startswith("diloco_h")
@@ -178,11 +210,11 @@ def fit_overheads(
             continue
         n, steps, syncs = int(r["world_size"]), int(r["steps"]), int(r["syncs"])
         compute, _ = _own_compute(r)
-        measured = (float(r["mean_step_ms"]) / 1e3 - compute) * steps / syncs
+        round_s = (float(r["mean_step_ms"]) / 1e3 - compute) * steps / syncs
         nbytes = float(r["sync_bytes_sent"]) / syncs
         wire = round_seconds(spec, nbytes, n, link)  # the bytes' time at full rate
         hops_s = round_seconds(spec, 0.0, n, link, latency)
-        points.setdefault(n, []).append((wire, measured - hops_s))
+        points.setdefault(n, []).append((wire, round_s - hops_s))
         used.add((path, n, r["seed"], name))
     if not points:
         raise ValueError(
@@ -211,6 +243,7 @@ def check(
     compute_from: str = "own",
     fitted: set[tuple[str, int, str, str]] | None = None,
     label: str | None = None,
+    measured: bool = False,
 ) -> list[dict[str, Any]]:
     """Predicted vs measured mean step time for every run of a summary CSV that has a compute-only
     reference, a known rate (from its ``netns-<rate>`` mode, or ``rate``) and a :data:`SPECS` entry.
@@ -218,18 +251,22 @@ def check(
     (``compute_from``): ``"own"``: the run's median step without a round where it has such steps
     (not DDP), else ``"single_par"``'s mean step. ``overhead``: seconds per round, or
     ``(overhead, efficiency)`` per number of replicas (:func:`fit_overheads`; this efficiency then
-    replaces ``efficiency``); runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
+    replaces ``efficiency``); ``measured``: the link rate is the TCP throughput the run measured
+    on it (:func:`measured_rate`) where known; runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
     and left out of the median. Prints the table (headed by ``label`` when given), returns its
     rows."""
     out: list[dict[str, Any]] = []
     window = _window_rounds(path)
     for r in _read(path):
-        name, spec = r["strategy"], SPECS.get(r["strategy"])
-        link = parse_rate(rate) if rate else _rate_of(r["mode"])
-        if spec is None or link is None or not r.get("compute_only_step_ms") or not r.get("mean_step_ms"):
+        name, spec = r["strategy"], spec_of(r["strategy"])
+        link = _link_rate(path, r["mode"], rate, measured)
+        has_compute = r.get("compute_only_step_ms") or (
+            compute_from == "own" and r.get("median_nonsync_step_ms")
+        )
+        if spec is None or link is None or not has_compute or not r.get("mean_step_ms"):
             continue
         n, params, steps = int(r["world_size"]), float(r["n_params"]), int(r["steps"])
-        measured = float(r["mean_step_ms"]) / 1e3
+        step_s = float(r["mean_step_ms"]) / 1e3
         # the compute of a step: the run's own steps without a round where it has them (the CPU is
         # shared, so a reference measured at another moment drifts), else the compute-only reference
         compute, source = _own_compute(r, compute_from)
@@ -275,10 +312,10 @@ def check(
                 "compute_ms": 1e3 * compute,
                 "compute_from": source,
                 "predicted_step_ms": 1e3 * p.step_seconds,
-                "measured_step_ms": 1e3 * measured,
-                "error_pct": 100 * (p.step_seconds / measured - 1),
+                "measured_step_ms": 1e3 * step_s,
+                "error_pct": 100 * (p.step_seconds / step_s - 1),
                 "predicted_comm_share": p.comm_share,
-                "measured_comm_share": max(0.0, 1 - compute / measured),
+                "measured_comm_share": max(0.0, 1 - compute / step_s),
                 "overhead_ms": 1e3 * extra,
                 "fit": (str(Path(path).resolve()), n, r["seed"], name) in (fitted or set()),
             }
@@ -367,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overhead", type=float, default=0.0, help="--check: fixed seconds a round beyond bytes and hops"
     )
     p.add_argument(
+        "--measured-rates",
+        action="store_true",
+        help="--check: each run's link rate is the TCP throughput measured on it (<name>_run.txt), not the nominal",
+    )
+    p.add_argument(
         "--fit-efficiency",
         action="store_true",
         help="--overhead-from: also fit the achieved share of the rate (needs runs on two rates)",
@@ -400,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 latency=args.latency,
                 efficiency=args.efficiency,
                 fit_efficiency=args.fit_efficiency,
+                measured=args.measured_rates,
             )
             print(
                 f"fitted to {' '.join(args.overhead_from)}: "
@@ -419,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 compute_from=args.compute_from,
                 fitted=fitted,
                 label=path if len(args.check) > 1 else None,
+                measured=args.measured_rates,
             )
         if len(args.check) > 1 and everything:
             print("all files:", end=" ")

@@ -850,10 +850,15 @@ class ReplicaStrategy(CountedDDPStrategy):
     def auto_round_seconds(self, blocking_seconds: float) -> float | None:
         """``sync_every="auto"``: the seconds of a round to choose ``H`` from, at a measured
         synchronisation. ``blocking_seconds``: the median of what the synchronisations since the
-        last measurement took (their transfers and waits), the default (a blocking round). A strategy whose rounds overlap compute returns the
-        transfer time of its last completed round instead, or None when it does not know it (e.g.
+        last measurement took (their transfers and waits), the default (a blocking round). A
+        strategy whose rounds overlap compute returns the transfer time of its last completed round instead, or None when it does not know it (e.g.
         the round was restored from a checkpoint): then no rank changes ``H`` at this measurement."""
         return blocking_seconds
+
+    def auto_hides_rounds(self) -> bool:
+        """``sync_every="auto"``: whether ``H`` follows the overlapped rule (only
+        ``max(0, R - H c)`` exposed) rather than the blocking one. Default: :attr:`auto_overlapped`."""
+        return self.auto_overlapped
 
     def auto_round_timed(self) -> bool:
         """``sync_every="auto"``: whether :meth:`auto_round_seconds` is a round's transfer time from
@@ -876,7 +881,7 @@ class ReplicaStrategy(CountedDDPStrategy):
             step_seconds=step_seconds,
             round_seconds=round_seconds,
             timed=self.auto_round_timed(),
-            overlapped=self.auto_overlapped,
+            overlapped=self.auto_hides_rounds(),
         )
 
     def _close_training(self, close: Callable[[], None]) -> None:

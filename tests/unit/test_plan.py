@@ -526,6 +526,24 @@ def test_project_check_with_a_fitted_overhead(capsys: pytest.CaptureFixture[str]
     assert {r["strategy"]: r for r in rows}["diloco_h16"]["error_pct"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_project_check_reads_the_measured_rate_and_any_diloco_h(tmp_path: Path) -> None:
+    """``--measured-rates`` takes each run's link rate from the TCP throughput its ``_run.txt``
+    printed; a ``diloco_h<N>`` row of any ``N`` is a blocking round every ``N`` steps."""
+    from benchmarks import project
+
+    src = RESULTS / "plan_netns_100mbit_summary.csv"
+    assert project.measured_rate(src) == pytest.approx(95.8e6)
+    copy = tmp_path / "x_summary.csv"
+    copy.write_text(src.read_text())
+    assert project.measured_rate(copy) is None  # no _run.txt beside it: the nominal rate
+    (tmp_path / "x_run.txt").write_text("measured TCP throughput host1 -> host0: 50.0 Mbit/s\n")
+    slow = {r["strategy"]: r for r in project.check(copy, measured=True)}
+    nominal = {r["strategy"]: r for r in project.check(copy)}
+    assert slow["ddp"]["rate_bit_s"] == 50e6 and nominal["ddp"]["rate_bit_s"] == 100e6
+    assert slow["ddp"]["predicted_step_ms"] > nominal["ddp"]["predicted_step_ms"]
+    assert project.spec_of("diloco_h128") == Spec("all_reduce", 128) and project.spec_of("diloco_hx") is None
+
+
 def test_plan_from_flops() -> None:
     p = plan(1e9, 8, "1gbit", flops=1e14, tokens_per_step=65536, strategies=["diloco"], compressors=["int4"])
     assert p.compute == pytest.approx(3.93216) and "FLOP/s" in p.compute_source
