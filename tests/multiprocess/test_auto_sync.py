@@ -148,7 +148,8 @@ def test_streaming_ranks_choose_the_same_period(tmp_path):
     assert measured[0][0] == 4
     for _step, step_s, sync_s, every in measured:
         assert step_s >= 0.02 and sync_s > 0.0
-        assert every == streaming_sync_every(step_s, sync_s, 2, 1, budget=0.05, low=6, high=40)
+        # on CPU nothing counts as hidden (gloo shares the cores): tau 0 in the rule, H >= F (tau + 1)
+        assert every == streaming_sync_every(step_s, sync_s, 2, 0, budget=0.05, low=6, high=40)
     # H changed only at the end of a round of the period before
     for (start, every), (nxt, _) in itertools.pairwise(decisions):
         assert (nxt - start) % every == 0

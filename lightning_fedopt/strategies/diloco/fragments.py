@@ -362,19 +362,21 @@ class AutoFragmentEvents(AutoSync):
         return rounds >= 1 and self.wants_measurement(rounds)
 
     @override
-    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = False) -> int:
+    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = True) -> int:
         """Set ``H`` for the steps after ``step`` (a round boundary) from the agreed step seconds and
-        the seconds of a round's ``F`` fragment transfers (:func:`~lightning_fedopt.schedules.streaming_sync_every`;
-        ``overlapped`` is implied by ``tau`` and ignored)."""
+        the seconds of a round's ``F`` fragment transfers (:func:`~lightning_fedopt.schedules.streaming_sync_every`).
+        ``overlapped`` (default): each fragment's transfer hides behind ``tau`` steps; False: nothing
+        is counted hidden (the blocking rule; the strategy's choice where the transfers share the
+        compute's cores), ``H`` still at least ``F (tau + 1)``."""
         if not self.round_ends(step):
             raise RuntimeError(f"AutoFragmentEvents: step {step} does not end a round; H changes only there")
         every = streaming_sync_every(
             max(step_seconds, 1e-9),
             max(sync_seconds, 0.0),
             self.fragments,
-            self.delay,
+            self.delay if overlapped else 0,
             budget=self.budget,
-            low=self.low,
+            low=max(self.low, self.fragments * (self.delay + 1)),
             high=self.high,
         )
         return self._record(step, every)
