@@ -655,7 +655,7 @@ def test_strategy_warns_once_when_the_inner_optimizer_is_not_muon(caplog):
         ({"fragments": 2}, "fragments"),
         ({"sync_delay": 1}, "sync_delay"),
         ({"mixing": 0.5}, "mixing"),
-        ({"mixing": 0}, "mixing"),
+        ({"mixing": "0.0"}, "mixing"),
         ({"fragments": True}, "fragments"),
         ({"fragment_layout": "strided"}, "fragment_layout"),
         ({"fault_tolerance": "torchft"}, "fault_tolerance"),

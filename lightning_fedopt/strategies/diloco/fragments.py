@@ -59,6 +59,24 @@ __all__ = [
 
 #: the ways tensors are assigned to fragments
 LAYOUTS = ("auto", "contiguous", "strided")
+#: DiLoCo's streaming arguments at their defaults: every tensor synchronised every ``H`` steps
+WHOLE_MODEL: dict[str, Any] = {"fragments": 1, "fragment_layout": "auto", "sync_delay": 0, "mixing": 0.0}
+
+
+def refuse_streaming(owner: str, variant: str, given: dict[str, Any]) -> None:
+    """For a strategy whose rounds are whole-model (SparseLoCo, MuLoCo): every streaming argument in
+    ``given`` must be its default, a plain value (Lightning's CLI passes every argument, filled in
+    with its default); else ``ValueError`` naming it and ``variant``, the streaming alternative."""
+    for name, default in WHOLE_MODEL.items():
+        if name not in given:
+            continue
+        value = given[name]
+        if not (isinstance(value, (int, float, str)) and not isinstance(value, bool) and value == default):
+            raise ValueError(
+                f"{owner} does not take `{name}`: every tensor is synchronised every H steps "
+                f"(use {variant} for a streaming variant)"
+            )
+
 
 #: the counters a checkpointed round's last reduced tensor holds (masked_sum's order)
 _COUNTERS = ("weight", "valid", "invalid")

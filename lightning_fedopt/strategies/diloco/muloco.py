@@ -51,7 +51,7 @@ from lightning_fedopt.optim import is_muon_based
 from lightning_fedopt.runtime.reduce import PendingSum, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy
-from lightning_fedopt.strategies.diloco.fragments import InFlight, pseudo_gradients
+from lightning_fedopt.strategies.diloco.fragments import InFlight, pseudo_gradients, refuse_streaming
 from lightning_fedopt.strategies.diloco.outer import check_outer_kwargs, resolve_compressor
 
 __all__ = ["MULOCO_COMPRESSOR", "MULOCO_OUTER", "MULOCO_SYNC_EVERY", "MuLoCoStrategy"]
@@ -64,14 +64,6 @@ MULOCO_SYNC_EVERY = 30
 MULOCO_COMPRESSOR: dict[str, Any] = {"bits": 2, "beta": 1.0, "range_sigmas": 6.0}
 #: the outer optimizer's arguments when none are given (the authors' code)
 MULOCO_OUTER: dict[str, Any] = {"lr": 0.7, "momentum": 0.6, "nesterov": True}
-#: DiLoCo arguments MuLoCo takes only at their (non-streaming) defaults: every tensor is
-#: synchronised every H steps (the defaults pass, e.g. from Lightning's CLI, which fills them in)
-_STREAMING_DEFAULTS: dict[str, Any] = {
-    "fragments": 1,
-    "fragment_layout": "auto",
-    "sync_delay": 0,
-    "mixing": 0.0,
-}
 #: ``compressor=`` default: a new :class:`StatQuant` with :data:`MULOCO_COMPRESSOR` per strategy
 _DEFAULT = "muloco"
 
@@ -134,13 +126,16 @@ class MuLoCoStrategy(DiLoCoStrategy):
         mixing: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        given = (fragments, fragment_layout, sync_delay, mixing)
-        for (name, default), value in zip(_STREAMING_DEFAULTS.items(), given):
-            if not (type(value) is type(default) and value == default):
-                raise ValueError(
-                    f"MuLoCoStrategy does not take `{name}`: every tensor is synchronised every H steps "
-                    "(use DiLoCoStrategy(compressor=StatQuant(...), fragments=...) for a streaming variant)"
-                )
+        refuse_streaming(
+            "MuLoCoStrategy",
+            "DiLoCoStrategy(compressor=StatQuant(...), fragments=...)",
+            {
+                "fragments": fragments,
+                "fragment_layout": fragment_layout,
+                "sync_delay": sync_delay,
+                "mixing": mixing,
+            },
+        )
         if isinstance(compressor, str) and compressor in (_DEFAULT, StatQuant.name):
             # a fresh one: its buffers are this replica's
             compressor = StatQuant(**MULOCO_COMPRESSOR) if compressor == _DEFAULT else StatQuant()

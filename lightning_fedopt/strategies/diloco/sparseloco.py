@@ -43,7 +43,12 @@ from lightning_fedopt.compression.sparseloco import SparseLoCo
 from lightning_fedopt.runtime.reduce import PendingSum, masked_sum
 from lightning_fedopt.schedules import SyncSchedule
 from lightning_fedopt.strategies.diloco.diloco import DiLoCoStrategy
-from lightning_fedopt.strategies.diloco.fragments import InFlight, pseudo_gradients
+from lightning_fedopt.strategies.diloco.fragments import (
+    WHOLE_MODEL,
+    InFlight,
+    pseudo_gradients,
+    refuse_streaming,
+)
 from lightning_fedopt.strategies.diloco.outer import check_outer_kwargs, resolve_compressor
 
 __all__ = ["SPARSELOCO_DEFAULTS", "SparseLoCoStrategy"]
@@ -52,14 +57,6 @@ __all__ = ["SPARSELOCO_DEFAULTS", "SparseLoCoStrategy"]
 SPARSELOCO_DEFAULTS: dict[str, Any] = {"topk": 128, "chunk": 4096, "beta": 0.95, "bits": 2}
 #: the outer optimizer's arguments when none are given: plain SGD, the buffer is the momentum
 _OUTER_DEFAULTS: dict[str, Any] = {"lr": 1.0, "momentum": 0.0, "nesterov": False}
-#: DiLoCo arguments SparseLoCo does not take other than at their defaults (the authors synchronise
-#: every tensor every H steps); LightningCLI passes every argument, at its default when not set
-_REFUSED: dict[str, Any] = {"fragments": 1, "fragment_layout": "auto", "sync_delay": 0, "mixing": 0.0}
-
-
-def _is_default(value: Any, default: Any) -> bool:
-    """``value`` is the plain number or string ``default`` (not a bool, tensor or other object)."""
-    return isinstance(value, (int, float, str)) and not isinstance(value, bool) and value == default
 
 
 class SparseLoCoStrategy(DiLoCoStrategy):
@@ -111,12 +108,12 @@ class SparseLoCoStrategy(DiLoCoStrategy):
         outer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        for name, default in _REFUSED.items():
-            if name in kwargs and not _is_default(kwargs.pop(name), default):
-                raise ValueError(
-                    f"SparseLoCoStrategy does not take `{name}`: every tensor is synchronised every H steps "
-                    "(use DiLoCoStrategy(compressor=SparseLoCo(...), fragments=...) for a streaming variant)"
-                )
+        # the authors synchronise every tensor every H steps: the streaming arguments at their defaults
+        refuse_streaming(
+            "SparseLoCoStrategy",
+            "DiLoCoStrategy(compressor=SparseLoCo(...), fragments=...)",
+            {name: kwargs.pop(name) for name in WHOLE_MODEL if name in kwargs},
+        )
         if compressor is None:
             compressor = SparseLoCo(**SPARSELOCO_DEFAULTS)  # a fresh one: its buffers are this replica's
         compressor = resolve_compressor(compressor)
