@@ -199,6 +199,19 @@ class Handle:
         """Whether the transfer has finished (never blocks)."""
         return self._done or all(w.is_completed() for w in self._works)
 
+    def futures(self) -> list[Any] | None:
+        """The futures of the operation's works, which complete when the transfer has (CPU
+        backends: gloo); ``[]`` when it has completed already; None where they do not tell it
+        (CUDA: a NCCL work's future completes when the work is queued) or the backend has none."""
+        if self._done or not self._works:
+            return []
+        if self._cuda:
+            return None
+        try:
+            return [w.get_future() for w in self._works]
+        except (AttributeError, RuntimeError):
+            return None
+
     def wait(self) -> Any:
         """Block until the operation is complete; idempotent."""
         if self._done:

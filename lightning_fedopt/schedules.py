@@ -322,9 +322,9 @@ class AutoSync(SyncSchedule):
             high=self.high,
             overlapped=overlapped,
         )
-        return self._record(step, every)
+        return self.record(step, every)
 
-    def _record(self, step: int, every: int) -> int:
+    def record(self, step: int, every: int) -> int:
         """Append the decision ``(step, every)`` if it changes ``H``; returns ``every``."""
         if every != self.every:
             self.decisions.append((int(step), int(every)))

@@ -80,6 +80,11 @@ class PendingSum:
     def is_completed(self) -> bool:
         return self._handle is None or self._handle.is_completed()
 
+    def futures(self) -> list[Any] | None:
+        """The futures of the sum's transfer (:meth:`lightning_fedopt.comm.Handle.futures`; ``[]``
+        when it has completed or was synchronous)."""
+        return [] if self._handle is None else self._handle.futures()
+
     def wait(self) -> MaskedSum:
         if self._result is None:
             if self._handle is not None:

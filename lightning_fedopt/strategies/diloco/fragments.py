@@ -397,7 +397,7 @@ class AutoFragmentEvents(AutoSync):
             low=max(self.low, self.fragments * (self.delay + 1)),
             high=self.high,
         )
-        return self._record(step, every)
+        return self.record(step, every)
 
     @override
     def load_state_dict(self, state: dict[str, list[list[int]]]) -> None:
@@ -429,16 +429,11 @@ class RoundClock:
 
     def watch(self, pending: PendingSum) -> None:
         """Take the completion from ``pending``'s futures where they tell it (see the class doc)."""
-        handle = getattr(pending, "_handle", None)
-        works = list(getattr(handle, "_works", ()) or ())
-        if handle is None or not works:  # synchronous (compressed, one process): complete already
+        futures = pending.futures()
+        if futures is None:  # CUDA, or a backend without futures: polls and the wait tell it
+            return
+        if not futures:  # synchronous (compressed, one process): complete already
             self.done()
-            return
-        if getattr(handle, "_cuda", False):
-            return
-        try:
-            futures = [w.get_future() for w in works]
-        except (AttributeError, RuntimeError):  # a backend without futures: polls and the wait
             return
         self._remaining = len(futures)
         for future in futures:
