@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 from typing import Any
 
 log = logging.getLogger("lightning_fedopt")
@@ -100,7 +101,6 @@ class ReplicaRun:
             self.effective_history.append(self.counts.effective_steps)
         self.counts.effective_steps = 0
         self.round_compute = 0.0
-        self.step_walls.clear()
 
     def note_step_end(self, now: float) -> None:
         """``sync_every="auto"``: a step ended at ``now`` (before any synchronisation after it)."""
@@ -110,12 +110,12 @@ class ReplicaRun:
     def step_seconds(self) -> float | None:
         """The median wall time of the steps since the last measurement (None before two steps):
         robust to the slow first steps of a fit, to an occasional validation and to load spikes."""
-        return _median(self.step_walls)
+        return statistics.median(self.step_walls) if self.step_walls else None
 
     def sync_seconds(self) -> float | None:
         """The median seconds of the synchronisations since the last measurement (None before one):
         one slow or fast synchronisation does not decide ``H``."""
-        return _median(self.sync_walls)
+        return statistics.median(self.sync_walls) if self.sync_walls else None
 
     def note_nonfinite(self, excluded: int, local: bool, rank: int) -> None:
         """Record a synchronisation that excluded ``excluded`` replicas with non-finite weights."""
@@ -134,11 +134,3 @@ class ReplicaRun:
             log.warning(
                 "lightning_fedopt: %d replica(s) with non-finite weights excluded at step %d", excluded, step
             )
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])

@@ -819,14 +819,9 @@ class ReplicaStrategy(CountedDDPStrategy):
             self.run.sync_walls.clear()
         counts.steps_since_sync = 0
         counts.samples_since_sync = 0
-        walls = list(self.run.step_walls)
         self.run.close_round(self.round_seconds is not None)
-        if (
-            auto is not None
-            and not measured
-            and (auto.remeasure_every is not None or not auto.round_ends(step))
-        ):
-            self.run.step_walls.extend(walls)  # kept until the next measurement
+        if auto is not None and (measured or (auto.remeasure_every is None and auto.round_ends(step))):
+            self.run.step_walls.clear()  # else kept until the next measurement
         info = {
             **info,
             "step": counts.replica_step,
