@@ -26,6 +26,8 @@ Self-test (creates two hosts, measures the shaped link, tears everything down)::
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
 import os
 import shutil
 import subprocess
@@ -251,6 +253,87 @@ class Network:
         n, seconds = out.split()
         return int(n) * 8 / float(seconds) / 1e6
 
+    def measure_both_ways(
+        self, a: int = 0, b: int = 1, nbytes: int = 4_000_000, port: int = 29410
+    ) -> tuple[float, float]:
+        """Send ``nbytes`` over TCP from ``a`` to ``b`` and from ``b`` to ``a`` at once, as a ring
+        all-reduce loads a link; returns the Mbit/s of each direction (``a -> b``, ``b -> a``).
+
+        Each direction's rate counts the bytes that arrived while both flows were running (the
+        window from the later flow's first byte to the earlier flow's last, its first and last
+        tenth left out), so neither flow is timed while it had the link to itself. With both
+        directions busy, each host's outgoing queue also carries the other flow's ACKs behind its
+        own data, which slows both (the two-way traffic effect of TCP); a one-way measurement does
+        not see that.
+        """
+        receiver = (
+            "import socket,time,json\n"
+            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind((@ADDR@,@PORT@)); s.listen(1); print('ready', flush=True)\n"
+            "c,_=s.accept(); n=0; marks=[]\n"
+            "while True:\n"
+            "    b=c.recv(1<<16)\n"
+            "    if not b: break\n"
+            "    n+=len(b); marks.append((time.time(), n))\n"
+            "print(json.dumps(marks), flush=True)\n"
+        )
+        sender = (
+            "import socket,sys\n"
+            "sys.stdin.readline()\n"  # the go signal: both senders start together
+            f"c=socket.create_connection((@ADDR@,@PORT@)); buf=bytes(1<<16); left={nbytes}\n"
+            "while left>0:\n"
+            "    k=min(left,len(buf)); c.sendall(buf[:k]); left-=k\n"
+            "c.close()\n"
+        )
+        pairs = [(a, b, port), (b, a, port + 1)]
+        recvs, sends = [], []
+        try:
+            for _, dst, p in pairs:
+                code = receiver.replace("@ADDR@", repr(self.address(dst))).replace("@PORT@", str(p))
+                recv = self.popen(dst, [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                recvs.append(recv)
+                assert recv.stdout is not None
+                if recv.stdout.readline().strip() != "ready":
+                    raise NetnsError("throughput receiver did not start")
+            for src, dst, p in pairs:
+                code = sender.replace("@ADDR@", repr(self.address(dst))).replace("@PORT@", str(p))
+                sends.append(self.popen(src, [sys.executable, "-c", code], stdin=subprocess.PIPE, text=True))
+            for send in sends:
+                assert send.stdin is not None
+                send.stdin.write("go\n")
+                send.stdin.flush()
+            for send in sends:
+                send.wait(timeout=300)
+            marks = [json.loads(recv.communicate(timeout=300)[0]) for recv in recvs]
+        finally:
+            for proc in recvs + sends:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        start = max(m[0][0] for m in marks)
+        end = min(m[-1][0] for m in marks)
+        if end <= start:
+            raise NetnsError("the two flows did not overlap")
+        start, end = start + 0.1 * (end - start), end - 0.1 * (end - start)
+        rates = []
+        for m in marks:
+            times = [t for t, _ in m]
+            counts = [n for _, n in m]
+            received = _interp(end, times, counts) - _interp(start, times, counts)
+            rates.append(received * 8 / (end - start) / 1e6)
+        return rates[0], rates[1]
+
+
+def _interp(t: float, times: list[float], counts: list[int]) -> float:
+    """Bytes received by time ``t`` (linear between the receiver's marks)."""
+    i = bisect.bisect_left(times, t)
+    if i == 0:
+        return float(counts[0])
+    if i >= len(times):
+        return float(counts[-1])
+    t0, t1 = times[i - 1], times[i]
+    return counts[i - 1] + (counts[i] - counts[i - 1]) * (t - t0) / max(t1 - t0, 1e-12)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -274,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"note: {note}")
         mbit = net.measure_throughput(src=1 % args.hosts, dst=0, nbytes=args.bytes)
         print(f"TCP host1 -> host0: {mbit:.1f} Mbit/s measured (rate {args.rate})")
+        if args.hosts > 1:
+            there, back = net.measure_both_ways(0, 1, nbytes=args.bytes)
+            print(
+                f"TCP both ways at once: host0 -> host1 {there:.1f}, host1 -> host0 {back:.1f} Mbit/s "
+                f"(mean {(there + back) / 2:.1f})"
+            )
     left = [ns for ns in _list_namespaces() if ns.startswith(net.tag)]
     print("torn down" if not left else f"LEFT OVER: {left}")
 

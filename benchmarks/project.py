@@ -153,17 +153,41 @@ def measured_rate(path: str | Path) -> float | None:
     run_txt = Path(str(path).removesuffix("_summary.csv") + "_run.txt")
     if not run_txt.exists():
         return None
-    found = re.findall(
-        r"measured TCP throughput [^:]*: ([0-9.]+) Mbit/s", run_txt.read_text(errors="replace")
-    )
+    text = run_txt.read_text(errors="replace")
+    # both directions at once, as an all-reduce loads the link, where the run measured that
+    found = re.findall(r"measured TCP throughput both ways at once: ([0-9.]+) Mbit/s", text)
+    found = found or re.findall(r"measured TCP throughput [^:]*: ([0-9.]+) Mbit/s", text)
     return statistics.median(float(x) for x in found) * 1e6 if found else None
 
 
-def _link_rate(path: str | Path, mode: str, rate: str | None, measured: bool) -> float | None:
-    """A run's link rate: ``rate``, else the measured TCP throughput (``measured``), else its mode's."""
+def parse_link_rates(spec: str | None) -> dict[float, float]:
+    """``"10mbit=8.6mbit,100mbit=92mbit"`` -> ``{nominal bits/s: measured bits/s}`` (``--link-rates``)."""
+    out: dict[float, float] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        nominal, sep, actual = item.partition("=")
+        if not sep:
+            raise ValueError(f"`--link-rates`: {item!r} is not NOMINAL=MEASURED (e.g. 10mbit=8.6mbit)")
+        out[parse_rate(nominal.strip())] = parse_rate(actual.strip())
+    return out
+
+
+def _link_rate(
+    path: str | Path,
+    mode: str,
+    rate: str | None,
+    measured: bool,
+    link_rates: Mapping[float, float] | None = None,
+) -> float | None:
+    """A run's link rate: ``rate``, else its mode's rate as ``link_rates`` maps it, else the
+    measured TCP throughput (``measured``), else its mode's."""
     if rate:
         return parse_rate(rate)
-    return (measured_rate(path) if measured else None) or _rate_of(mode)
+    nominal = _rate_of(mode)
+    if link_rates and nominal is not None and nominal in link_rates:
+        return link_rates[nominal]
+    return (measured_rate(path) if measured else None) or nominal
 
 
 def _rate_of(mode: str) -> float | None:
@@ -184,6 +208,7 @@ def fit_overheads(
     efficiency: float = 1.0,
     fit_efficiency: bool = False,
     measured: bool = False,
+    link_rates: Mapping[float, float] | None = None,
 ) -> tuple[dict[int, tuple[float, float]], set[tuple[str, int, str, str]]]:
     """``{replicas: (overhead, efficiency)}`` fitted to the fixed-``H`` uncompressed DiLoCo runs of
     summary CSVs (their measured seconds a round: the mean step's excess over the run's own steps
@@ -192,12 +217,13 @@ def fit_overheads(
     ``efficiency``) and hops; with ``fit_efficiency`` and rounds on at least two link rates at a
     world size, ``seconds = bytes_time / efficiency + overhead`` is fitted by least squares there
     (efficiency at most 1, overhead at least 0). ``measured``: each run's link rate is the TCP
-    throughput measured on it (:func:`measured_rate`), not the nominal one."""
+    throughput measured on it (:func:`measured_rate`), not the nominal one; ``link_rates``: the
+    rate of each nominal link (:func:`parse_link_rates`), before ``measured``."""
     points: dict[int, list[tuple[float, float]]] = {}
     used: set[tuple[str, int, str, str]] = set()
     for path, r in ((str(Path(p).resolve()), r) for p in paths for r in _read(p)):
         name, spec = r["strategy"], spec_of(r["strategy"])
-        link = _link_rate(path, r["mode"], rate, measured)
+        link = _link_rate(path, r["mode"], rate, measured, link_rates)
         if (
             spec is None
             or not name.startswith("diloco_h")
@@ -244,6 +270,7 @@ def check(
     fitted: set[tuple[str, int, str, str]] | None = None,
     label: str | None = None,
     measured: bool = False,
+    link_rates: Mapping[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Predicted vs measured mean step time for every run of a summary CSV that has a compute-only
     reference, a known rate (from its ``netns-<rate>`` mode, or ``rate``) and a :data:`SPECS` entry.
@@ -252,14 +279,15 @@ def check(
     (not DDP), else ``"single_par"``'s mean step. ``overhead``: seconds per round, or
     ``(overhead, efficiency)`` per number of replicas (:func:`fit_overheads`; this efficiency then
     replaces ``efficiency``); ``measured``: the link rate is the TCP throughput the run measured
-    on it (:func:`measured_rate`) where known; runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
+    on it (:func:`measured_rate`) where known, and ``link_rates`` maps nominal rates to measured
+    ones before that (:func:`parse_link_rates`); runs in ``fitted`` (``(resolved path, world size, seed, row)``) are marked
     and left out of the median. Prints the table (headed by ``label`` when given), returns its
     rows."""
     out: list[dict[str, Any]] = []
     window = _window_rounds(path)
     for r in _read(path):
         name, spec = r["strategy"], spec_of(r["strategy"])
-        link = _link_rate(path, r["mode"], rate, measured)
+        link = _link_rate(path, r["mode"], rate, measured, link_rates)
         has_compute = r.get("compute_only_step_ms") or (
             compute_from == "own" and r.get("median_nonsync_step_ms")
         )
@@ -409,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--check: each run's link rate is the TCP throughput measured on it (<name>_run.txt), not the nominal",
     )
     p.add_argument(
+        "--link-rates",
+        default=None,
+        help="--check: each nominal link's measured rate, e.g. 10mbit=8.6mbit,100mbit=92mbit "
+        "(python -m benchmarks.netns --rate R: both ways at once, as an all-reduce loads it)",
+    )
+    p.add_argument(
         "--fit-efficiency",
         action="store_true",
         help="--overhead-from: also fit the achieved share of the rate (needs runs on two rates)",
@@ -435,6 +469,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:
         overhead: float | dict[int, tuple[float, float]] = args.overhead
         fitted: set[tuple[str, int, str, str]] = set()
+        try:
+            link_rates = parse_link_rates(args.link_rates)
+        except ValueError as err:
+            sys.exit(str(err))
         if args.overhead_from:
             overhead, fitted = fit_overheads(
                 args.overhead_from,
@@ -443,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 efficiency=args.efficiency,
                 fit_efficiency=args.fit_efficiency,
                 measured=args.measured_rates,
+                link_rates=link_rates,
             )
             print(
                 f"fitted to {' '.join(args.overhead_from)}: "
@@ -463,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fitted=fitted,
                 label=path if len(args.check) > 1 else None,
                 measured=args.measured_rates,
+                link_rates=link_rates,
             )
         if len(args.check) > 1 and everything:
             print("all files:", end=" ")

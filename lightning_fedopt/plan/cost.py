@@ -176,7 +176,9 @@ class Link:
     """Each replica's network link.
 
     Attributes:
-        rate: bits/s (the slower of up- and downlink; full duplex assumed).
+        rate: bits/s (the slower of up- and downlink; full duplex assumed): what TCP achieves
+            with both directions busy at once (``iperf3 --bidir``), as an all-reduce loads the
+            link; a link's nominal rate over-promises (docs/planning.md, validation).
         latency: seconds per hop of a collective (one-way message latency).
         efficiency: the share of ``rate`` transfers achieve, in (0, 1].
         overhead: fixed seconds of one synchronisation round beyond its bytes and hops (the

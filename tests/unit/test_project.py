@@ -199,6 +199,45 @@ def test_check_predicts_from_counted_bytes(tmp_path: Path, capsys: pytest.Captur
     assert ref["diloco_h64"]["compute_ms"] == pytest.approx(10.0)
 
 
+def test_link_rates_replace_the_nominal_rate(tmp_path: Path) -> None:
+    """``--link-rates``: a nominal link's measured rate; a run's own both-ways measurement is
+    preferred over its one-way one (``--measured-rates``)."""
+    assert project.parse_link_rates("10mbit=9mbit, 1gbit=307.4mbit") == {1e7: 9e6, 1e9: 3.074e8}
+    assert project.parse_link_rates(None) == {}
+    with pytest.raises(ValueError, match="NOMINAL=MEASURED"):
+        project.parse_link_rates("10mbit")
+    row = {
+        "world_size": 2,
+        "seed": 0,
+        "n_params": P,
+        "steps": 128,
+        "compute_only_step_ms": 10.0,
+        "strategy": "ddp",
+        "mode": "netns-100mbit",
+        "syncs": 128,
+        "sync_bytes_sent": 128 * 4 * P,
+        "mean_step_ms": 300.0,
+    }
+    path = tmp_path / "r_summary.csv"
+    _write(path, [row])
+    # 4 MB at 80 Mbit/s: 400 ms a round on top of 10 ms compute
+    (out,) = project.check(path, link_rates={1e8: 8e7})
+    assert out["predicted_step_ms"] == pytest.approx(410.0)
+    # a rate for another link changes nothing
+    (out,) = project.check(path, link_rates={1e7: 8e6})
+    assert out["predicted_step_ms"] == pytest.approx(330.0)
+    run_txt = tmp_path / "r_run.txt"
+    run_txt.write_text("measured TCP throughput host1 -> host0: 95.0 Mbit/s\n")
+    assert project.measured_rate(path) == pytest.approx(95e6)
+    run_txt.write_text(
+        "measured TCP throughput host1 -> host0: 95.0 Mbit/s\n"
+        "measured TCP throughput both ways at once: 80.0 Mbit/s (host0 -> host1 79.0, host1 -> host0 81.0)\n"
+    )
+    assert project.measured_rate(path) == pytest.approx(80e6)
+    (out,) = project.check(path, measured=True)
+    assert out["predicted_step_ms"] == pytest.approx(410.0)
+
+
 def _run(name: str, losses: list[float], bytes_sent: int, step_s: float = 0.01) -> dict[str, object]:
     rows = [
         {
