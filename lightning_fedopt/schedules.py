@@ -235,12 +235,23 @@ class AutoSync(SyncSchedule):
     :class:`~lightning_fedopt.strategies.diloco.fragments.AutoFragmentEvents`, built from this
     schedule's arguments (:func:`streaming_sync_every`).
 
+    **At least ``min_rounds`` rounds.** Where the run's length is known (``max_steps``, or the
+    steps of its epochs), ``H`` is also at most ``steps // min_rounds`` (and at least ``low``), even
+    when that spends more than ``budget``: an outer optimizer needs rounds to work with (Nesterov
+    momentum 0.9 averages over ~10 of them), and the budget rule on a slow link and a short run
+    would leave only a handful. On the netns language model at 10 Mbit/s (4096 steps), the budget
+    alone chose ``H`` ≈ 600 (7 rounds): the fixed ``H`` of 128 to 512 (8 to 28 rounds) ended lower at the
+    same wall-clock time, and one round fewer (``H`` 576 against 512, the same 4096 steps) cost
+    1.5% (docs/planning.md). The ranks agree on the steps (the largest any rank knows).
+
     Args:
         budget: the largest share of the wall time spent in synchronisation, in (0, 1).
         low, high: bounds of ``H`` (``1 <= low <= high``).
         probe: ``H`` until the first measurement (>= 1).
         remeasure_every: synchronisations between measurements (None: once); default 4: the first
             measurement holds the link's and the loop's warm-up, and links change.
+        min_rounds: the fewest rounds over the run's steps, where they are known (>= 1; None:
+            the budget alone decides). Default 16.
 
     Example:
         >>> auto = AutoSync(budget=0.05, probe=4)
@@ -260,6 +271,7 @@ class AutoSync(SyncSchedule):
         high: int = 1000,
         probe: int = 8,
         remeasure_every: int | None = 4,
+        min_rounds: int | None = 16,
     ) -> None:
         self.budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True, high_open=True)
         self.low = check_int("low", low, low=1, high=10**6)
@@ -270,6 +282,7 @@ class AutoSync(SyncSchedule):
         self.remeasure_every = check_int(
             "remeasure_every", remeasure_every, low=1, high=10**6, allow_none=True
         )
+        self.min_rounds = check_int("min_rounds", min_rounds, low=1, high=10**6, allow_none=True)
         #: ``(first step, H)``: H applies to the steps after ``first step``
         self.decisions: list[tuple[int, int]] = [(0, self.probe)]
         self._measurements = 0
@@ -301,7 +314,27 @@ class AutoSync(SyncSchedule):
         streaming schedule's fragment events within a round do not)."""
         return True
 
-    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = False) -> int:
+    def ceiling(self, total_steps: int | None = None) -> int:
+        """The largest ``H`` allowed: ``high``, and at most ``total_steps // min_rounds`` where the
+        run's steps are known (never below ``low``).
+
+        Example:
+            >>> AutoSync(low=2, high=1000).ceiling(4096), AutoSync().ceiling(None)
+            (256, 1000)
+        """
+        if total_steps is None or total_steps <= 0 or self.min_rounds is None:
+            return self.high
+        return max(self.low, min(self.high, int(total_steps) // self.min_rounds))
+
+    def decide(
+        self,
+        step: int,
+        step_seconds: float,
+        sync_seconds: float,
+        *,
+        overlapped: bool = False,
+        total_steps: int | None = None,
+    ) -> int:
         """Set ``H`` from the agreed measurements, for the steps after ``step``; returns it.
 
         Args:
@@ -311,6 +344,7 @@ class AutoSync(SyncSchedule):
                 the round's transfer time from launch to completion (``overlapped``).
             overlapped: the round overlaps the next ``H`` steps (CO2): only ``max(0, R - H c)`` is
                 exposed (:func:`~lightning_fedopt.plan.choose_sync_every` with ``overlapped=True``).
+            total_steps: the run's steps, where known: ``H`` at most :meth:`ceiling`.
         """
         from lightning_fedopt.plan.cost import choose_sync_every
 
@@ -319,7 +353,7 @@ class AutoSync(SyncSchedule):
             max(sync_seconds, 0.0),
             budget=self.budget,
             low=self.low,
-            high=self.high,
+            high=self.ceiling(total_steps),
             overlapped=overlapped,
         )
         return self.record(step, every)

@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=None, help="also show each row's exposed share at this H")
     p.add_argument("--max-every", type=int, default=100_000, help="the largest H considered")
     p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="the run's optimizer steps: H at most steps // --min-rounds, as sync_every='auto'",
+    )
+    p.add_argument(
+        "--min-rounds", type=int, default=16, help="the fewest rounds over --steps (16; 0: the budget alone)"
+    )
+    p.add_argument(
         "--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {','.join(STRATEGIES)}"
     )
     p.add_argument(
@@ -108,6 +117,8 @@ def _plan(a: argparse.Namespace) -> Plan:
         ddp_overlap=a.ddp_overlap,
         every=a.every,
         max_every=a.max_every,
+        steps=a.steps,
+        min_rounds=a.min_rounds or None,
     )
 
 

@@ -147,7 +147,9 @@ class Row:
         bytes_vs_ddp: DDP's bytes per step (uncompressed) over this row's.
         share_at: the exposed share at the ``every`` given to :func:`plan` (None without one, or
             where that ``H`` is not allowed: streaming DiLoCo needs ``H >= F (tau + 1)``).
-        within_budget: whether ``every`` meets the budget (``every is not None``).
+        within_budget: whether ``every`` meets the budget.
+        capped: ``every`` is the ceiling of ``min_rounds`` rounds in ``steps`` (:func:`plan`),
+            below the budget's ``H``: the exposed share is then above the budget.
     """
 
     strategy: str
@@ -161,6 +163,7 @@ class Row:
     bytes_vs_ddp: float
     share_at: float | None
     within_budget: bool
+    capped: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,8 @@ class Plan:
     topology: str = "ring"
     gossip_steps: int = 1
     compute_source: str = "given"
+    steps: int | None = None
+    min_rounds: int | None = None
 
     def row(self, strategy: str, compressor: str = "none") -> Row:
         """The row of ``strategy`` with ``compressor`` (its label)."""
@@ -222,6 +227,7 @@ class Plan:
                 h = "1" if r.every is not None else "1 (over)"
             else:
                 h = str(r.every) if r.every is not None else f">{self.max_every}"
+                h += " (rounds)" if r.capped else ""
             line = [
                 r.strategy,
                 r.compressor,
@@ -256,6 +262,11 @@ class Plan:
                 f"gossip: {self.topology} topology ({gossip_degree(self.topology, self.replicas)} "
                 f"out-neighbours), {self.gossip_steps} gossip step(s) a round"
             )
+        if any(r.capped for r in self.rows):
+            notes.append(
+                f"(rounds): H at most {self.steps} steps // {self.min_rounds} rounds (sync_every='auto' "
+                "does the same), above the budget's H: more communication than the budget"
+            )
         if any(r.strategy == "ddp" and r.every is None for r in self.rows):
             notes.append("ddp: H is 1; (over): its communication exceeds the budget")
         for name in dict.fromkeys(s for s, _, _ in self.skipped):
@@ -284,6 +295,8 @@ class Plan:
                 "sync_delay": self.sync_delay,
                 "topology": self.topology,
                 "gossip_steps": self.gossip_steps,
+                "steps": self.steps,
+                "min_rounds": self.min_rounds,
             },
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "skipped": [{"strategy": s, "compressor": c, "reason": why} for s, c, why in self.skipped],
@@ -395,6 +408,8 @@ def plan(
     ddp_overlap: float = 0.0,
     every: int | None = None,
     max_every: int = 100_000,
+    steps: int | None = None,
+    min_rounds: int | None = 16,
 ) -> Plan:
     """Plan every strategy and compressor for ``model`` on ``replicas`` replicas behind ``link``.
 
@@ -424,6 +439,10 @@ def plan(
         ddp_overlap: share of DDP's compute its gradient all-reduce hides behind, in [0, 1].
         every: also report every row's exposed share at this ``H``.
         max_every: the largest ``H`` considered.
+        steps: the run's optimizer steps, if known: ``H`` is then at most ``steps // min_rounds``
+            (as ``sync_every="auto"`` with :class:`~lightning_fedopt.schedules.AutoSync`'s
+            ``min_rounds``), even above the budget.
+        min_rounds: the fewest rounds over ``steps`` (None: the budget alone).
 
     Raises:
         ValueError: naming the argument and its allowed range.
@@ -484,6 +503,9 @@ def plan(
     ddp_overlap = check_float("ddp_overlap", ddp_overlap, low=0.0, high=1.0)
     max_every = check_int("max_every", max_every, low=1)
     every = check_int("every", every, low=1, allow_none=True)
+    steps = check_int("steps", steps, low=1, allow_none=True)
+    min_rounds = check_int("min_rounds", min_rounds, low=1, allow_none=True)
+    ceiling = steps // min_rounds if steps is not None and min_rounds is not None else None
     ddp_bytes = wire_bytes(Codec("none"), m.sizes, n, m.dense_bytes)
 
     rows, skipped = [], []
@@ -508,6 +530,10 @@ def plan(
             low = fragments * (sync_delay + 1) if s == "streaming_diloco" else 1
             high = max(low, max_every)
             h = smallest_every(spec, secs, compute, budget, low=low, high=high, ddp_overlap=ddp_overlap)
+            within = h is not None
+            capped = s != "ddp" and ceiling is not None and (h is None or h > max(low, ceiling))
+            if capped:
+                h = max(low, min(high, ceiling if ceiling is not None else high))
 
             def at(k: int, spec: Spec = spec, nbytes: float = nbytes) -> Prediction:
                 return predict(
@@ -543,7 +569,8 @@ def plan(
                     bytes_per_step=p.bytes_per_step,
                     bytes_vs_ddp=ddp_bytes / p.bytes_per_step if p.bytes_per_step > 0 else math.inf,
                     share_at=share_at,
-                    within_budget=h is not None,
+                    within_budget=within and not capped,
+                    capped=capped,
                 )
             )
     return Plan(
@@ -561,4 +588,6 @@ def plan(
         topology=topology,
         gossip_steps=gossip_steps,
         compute_source=source,
+        steps=steps,
+        min_rounds=min_rounds,
     )

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -877,7 +879,21 @@ class ReplicaStrategy(CountedDDPStrategy):
             round_seconds=round_seconds,
             timed=self.auto_round_timed(),
             overlapped=self.auto_hides_rounds(),
+            total_steps=self._planned_steps(),
         )
+
+    def _planned_steps(self) -> int | None:
+        """``sync_every="auto"``: the optimizer steps of this ``fit`` as Lightning knows them
+        (``Trainer.estimated_stepping_batches``: ``max_steps``, or the steps of ``max_epochs``
+        epochs), or None (endless, an iterable dataset without a length, not computable)."""
+        trainer = self._current_trainer()
+        if trainer is None:
+            return None
+        try:
+            steps = trainer.estimated_stepping_batches
+        except MisconfigurationException:  # accumulate_grad_batches that changes between epochs
+            return None
+        return int(steps) if math.isfinite(steps) and steps > 0 else None
 
     def _close_training(self, close: Callable[[], None]) -> None:
         """Run ``close`` (the final synchronisation) and count it as a synchronisation if it was one."""

@@ -6,17 +6,25 @@ fragment schedule's period, changed only at a round's end)."""
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import time
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from modules import KnownBatchModule
 from runners import fit_fork
 
 import lightning_fedopt as lf
+from lightning_fedopt.comm import Communicator
 from lightning_fedopt.plan import choose_sync_every
+from lightning_fedopt.runtime.auto import agree_sync_every
 from lightning_fedopt.schedules import streaming_sync_every
 from lightning_fedopt.strategies.diloco.fragments import AutoFragmentEvents
 
@@ -60,7 +68,7 @@ def _same_weights(ranks: list[dict[str, Any]]) -> None:
 
 def test_ranks_that_measure_different_speeds_choose_the_same_period(tmp_path):
     strategy = lf.DiLoCoStrategy(
-        sync_every=lf.AutoSync(budget=0.05, probe=4, low=2, high=40), start_method="fork"
+        sync_every=lf.AutoSync(budget=0.05, probe=4, low=2, high=40, min_rounds=None), start_method="fork"
     )
     ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=30, callbacks=[SaveSchedule(tmp_path)])
     got = [torch.load(tmp_path / f"auto{r}.pt", weights_only=False) for r in range(2)]
@@ -72,6 +80,55 @@ def test_ranks_that_measure_different_speeds_choose_the_same_period(tmp_path):
     assert ranks[0]["sync_count"] == ranks[1]["sync_count"]
     for k in ranks[0]["state_dict"]:
         assert torch.equal(ranks[0]["state_dict"][k], ranks[1]["state_dict"][k])
+
+
+def test_min_rounds_caps_the_period_on_every_rank(tmp_path):
+    """A budget that asks for a long period (0.1%: H ~ 50 or more for a loopback round against
+    >= 20 ms steps) on a 64-step run with ``min_rounds=8``: both ranks take H = 64 // 8 = 8 from
+    the first measurement, log the ceiling, and end identical."""
+    auto = lf.AutoSync(budget=0.001, probe=4, low=2, high=1000, min_rounds=8)
+    strategy = lf.DiLoCoStrategy(sync_every=auto, start_method="fork")
+    ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=64, callbacks=[SaveSchedule(tmp_path)])
+    got = [torch.load(tmp_path / f"auto{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0]["decisions"] == got[1]["decisions"] == [(0, 4), (4, 8)]
+    for _step, step_s, sync_s, every in got[0]["measured"]:
+        assert every == 8
+        assert choose_sync_every(step_s, sync_s, budget=0.001, low=2, high=1000) > 8  # the budget's H
+    assert ranks[0]["sync_count"] == 1 + 60 // 8 + 1  # the probe, 7 full rounds, the last 4 steps
+    _same_weights(ranks)
+
+
+def _agree_worker(rank: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        auto = lf.AutoSync(budget=0.001, probe=4, low=2, high=1000, min_rounds=8)
+        # rank 0 knows 64 steps, rank 1 128 (epochs of different lengths); and rank 1 a slower step
+        info = agree_sync_every(
+            auto,
+            Communicator(),
+            torch.device("cpu"),
+            step=4,
+            step_seconds=0.02 * (rank + 1),
+            round_seconds=0.001,
+            total_steps=64 * (rank + 1),
+        )
+        torch.save({"decisions": auto.decisions, "info": info}, os.path.join(out, f"agree{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_run_length(tmp_path):
+    """Ranks that know different run lengths cap H alike: the largest length any rank knows."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_agree_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    got = [torch.load(tmp_path / f"agree{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0]["decisions"] == got[1]["decisions"] == [(0, 4), (4, 16)]  # 128 // 8
+    assert got[0]["info"] == got[1]["info"]
+    assert got[0]["info"]["sync_every_ceiling"] == 16.0
+    assert got[0]["info"]["measured_step_seconds"] == pytest.approx(0.04)
 
 
 def test_resume_keeps_the_decisions(tmp_path):
@@ -115,7 +172,7 @@ def test_co2_ranks_choose_the_same_period(tmp_path):
     so the first decision is at the second synchronisation (step 8); every rank takes the same H,
     on CPU the blocking rule's for the agreed numbers (gloo's all-reduce shares the cores with the
     compute: nothing is surely hidden), and the replicas end identical."""
-    auto = lf.AutoSync(budget=0.05, probe=4, low=2, high=40, remeasure_every=2)
+    auto = lf.AutoSync(budget=0.05, probe=4, low=2, high=40, remeasure_every=2, min_rounds=None)
     strategy = lf.CO2Strategy(sync_every=auto, start_method="fork")
     ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=30, callbacks=[SaveSchedule(tmp_path)])
     got = [torch.load(tmp_path / f"auto{r}.pt", weights_only=False) for r in range(2)]
@@ -136,7 +193,7 @@ def test_streaming_ranks_choose_the_same_period(tmp_path):
     """Streaming DiLoCo (F = 2, tau = 1): H starts at F (tau + 1) = 4, is measured at the end of the
     first round (step 4) and set from the fragment rounds' transfer time, at least ``low`` = 6; both
     ranks agree and end identical."""
-    auto = lf.AutoSync(budget=0.05, probe=4, low=6, high=40, remeasure_every=1)
+    auto = lf.AutoSync(budget=0.05, probe=4, low=6, high=40, remeasure_every=1, min_rounds=None)
     strategy = lf.DiLoCoStrategy(sync_every=auto, fragments=2, sync_delay=1, start_method="fork")
     assert isinstance(strategy.schedule, AutoFragmentEvents)
     ranks = fit_fork(tmp_path, Uneven(), strategy, max_steps=30, callbacks=[SaveSchedule(tmp_path)])

@@ -23,6 +23,34 @@ def test_probe_then_the_chosen_period():
     assert len(auto.decisions) == 3
 
 
+def test_at_least_min_rounds_over_the_run():
+    """Where the run's steps are known, H <= steps // min_rounds, even above the budget; never
+    below ``low``; unknown steps or ``min_rounds=None``: the budget alone."""
+    auto = AutoSync(budget=0.05, probe=8, low=2, high=1000)  # min_rounds 16 by default
+    assert auto.ceiling(4096) == 256 and auto.ceiling(None) == 1000 and auto.ceiling(0) == 1000
+    assert auto.ceiling(20) == 2  # 20 // 16 = 1, below low
+    budget_h = choose_sync_every(0.015, 0.46, budget=0.05, low=2, high=1000)
+    assert budget_h > 256  # a 10 Mbit/s round on the netns LM: ~600
+    assert auto.decide(8, 0.015, 0.46, total_steps=4096) == 256
+    assert auto.decide(8 + 256, 0.015, 0.46) == budget_h  # steps not known: the budget's H
+    free = AutoSync(budget=0.05, low=2, high=1000, min_rounds=None)
+    assert free.ceiling(4096) == 1000 and free.decide(8, 0.015, 0.46, total_steps=4096) == budget_h
+    # a cheap round: the budget's smaller H stands
+    assert AutoSync(low=2).decide(8, 0.015, 0.01, total_steps=4096) == choose_sync_every(
+        0.015, 0.01, low=2, high=1000
+    )
+
+
+def test_streaming_ceiling_keeps_the_fragment_period():
+    """Streaming: the ceiling never goes below F (tau + 1)."""
+    from lightning_fedopt.strategies.diloco.fragments import AutoFragmentEvents
+
+    events = AutoFragmentEvents(AutoSync(probe=4, low=1, high=1000, min_rounds=16), fragments=4, delay=1)
+    assert events.ceiling(64) == 8  # 64 // 16 = 4 < F (tau + 1) = 8
+    assert events.decide(8, 0.015, 0.46, overlapped=False, total_steps=4096) == 256
+    assert events.min_rounds == 16
+
+
 def test_measurements_once_or_every_k_syncs():
     assert [AutoSync().wants_measurement(k) for k in (1, 2, 3)] == [True, False, False]
     assert [AutoSync(remeasure_every=2).wants_measurement(k) for k in (1, 2, 3, 4, 5)] == [
@@ -53,6 +81,7 @@ def test_state_round_trip_and_bad_state():
         ({"low": 5, "high": 4}, "high"),
         ({"probe": 0}, "probe"),
         ({"remeasure_every": 0}, "remeasure_every"),
+        ({"min_rounds": 0}, "min_rounds"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):

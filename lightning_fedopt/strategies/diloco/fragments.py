@@ -324,6 +324,7 @@ class AutoFragmentEvents(AutoSync):
             high=auto.high,
             probe=max(auto.probe, least),
             remeasure_every=auto.remeasure_every,
+            min_rounds=auto.min_rounds,
         )
 
     def _segment(self, step: int) -> tuple[int, int]:
@@ -380,12 +381,21 @@ class AutoFragmentEvents(AutoSync):
         return rounds >= 1 and self.wants_measurement(rounds)
 
     @override
-    def decide(self, step: int, step_seconds: float, sync_seconds: float, *, overlapped: bool = True) -> int:
+    def decide(
+        self,
+        step: int,
+        step_seconds: float,
+        sync_seconds: float,
+        *,
+        overlapped: bool = True,
+        total_steps: int | None = None,
+    ) -> int:
         """Set ``H`` for the steps after ``step`` (a round boundary) from the agreed step seconds and
         the seconds of a round's ``F`` fragment transfers (:func:`~lightning_fedopt.schedules.streaming_sync_every`).
         ``overlapped`` (default): each fragment's transfer hides behind ``tau`` steps; False: nothing
         is counted hidden (the blocking rule; the strategy's choice where the transfers share the
-        compute's cores), ``H`` still at least ``F (tau + 1)``."""
+        compute's cores), ``H`` still at least ``F (tau + 1)``; at most :meth:`ceiling` of
+        ``total_steps`` (the run's steps, where known)."""
         if not self.round_ends(step):
             raise RuntimeError(f"AutoFragmentEvents: step {step} does not end a round; H changes only there")
         every = streaming_sync_every(
@@ -395,7 +405,7 @@ class AutoFragmentEvents(AutoSync):
             self.delay if overlapped else 0,
             budget=self.budget,
             low=max(self.low, self.fragments * (self.delay + 1)),
-            high=self.high,
+            high=self.ceiling(total_steps),
         )
         return self.record(step, every)
 
