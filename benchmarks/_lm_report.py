@@ -294,6 +294,34 @@ def print_wall(summary: list[dict[str, Any]]) -> None:
                 f"{best['final_val_loss']:.4f}): {d:+.2f}% (goal <= +1%) -> {'MET' if d <= 1 else 'NOT met'}"
                 + (f" (but {off} ran off T: not an equal budget)" if off else "")
             )
+    print_wall_over_seeds(summary)
+
+
+def print_wall_over_seeds(summary: list[dict[str, Any]]) -> None:
+    """``--equal-wall`` over several seeds, per world size: every row's mean final loss over the
+    seeds that ran it, and the ``*_auto`` row's mean against the best other row's mean (one run's
+    loss moves by 1-2% with the exact period, so a single seed's best fixed ``H`` is partly luck)."""
+    for n in dict.fromkeys(s["world_size"] for s in summary if "budget_s" in s):
+        group = [s for s in summary if s["world_size"] == n and "budget_s" in s]
+        seeds = sorted({s["seed"] for s in group})
+        if len(seeds) < 2:
+            continue
+        losses: dict[str, list[float]] = {}
+        for s in group:
+            losses.setdefault(s["strategy"], []).append(s["final_val_loss"])
+        means = {k: sum(v) / len(v) for k, v in losses.items() if len(v) == len(seeds)}
+        auto = next((k for k in means if k.endswith("_auto")), None)
+        others = {k: v for k, v in means.items() if k != auto}
+        if auto is None or not others:
+            continue
+        best = min(others, key=others.__getitem__)
+        d = 100 * (means[auto] / others[best] - 1)
+        print(
+            f"\nover seeds {', '.join(map(str, seeds))} ({n} replicas): mean final loss "
+            + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"\nverdict over seeds: {auto}'s mean vs the best fixed H's mean ({best}): {d:+.2f}% "
+            f"(goal <= +1%) -> {'MET' if d <= 1 else 'NOT met'}"
+        )
 
 
 def plot(val_rows: list[dict[str, Any]], path: Path, title: str, wall_key: str = "wall_s") -> None:

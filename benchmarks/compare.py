@@ -139,7 +139,7 @@ def _train_all(
         mbit = net.measure_throughput(1, 0, 2_000_000)
         print(f"measured TCP throughput host1 -> host0: {mbit:.1f} Mbit/s")
         # an all-reduce loads both directions of a link at once: the planner's rate (benchmarks.project)
-        there, back = net.measure_both_ways(0, 1, max(2_000_000, int(mbit * 1e6 / 8)))
+        there, back = net.measure_both_ways(0, 1, max(4_000_000, int(mbit * 1e6 / 8)))  # >= 1 s of transfer
         print(
             f"measured TCP throughput both ways at once: {(there + back) / 2:.1f} Mbit/s "
             f"(host0 -> host1 {there:.1f}, host1 -> host0 {back:.1f})"

@@ -251,7 +251,7 @@ class AutoSync(SyncSchedule):
         remeasure_every: synchronisations between measurements (None: once); default 4: the first
             measurement holds the link's and the loop's warm-up, and links change.
         min_rounds: the fewest rounds over the run's steps, where they are known (>= 1; None:
-            the budget alone decides). Default 16.
+            the budget alone decides). Default 32.
 
     Example:
         >>> auto = AutoSync(budget=0.05, probe=4)
@@ -271,7 +271,7 @@ class AutoSync(SyncSchedule):
         high: int = 1000,
         probe: int = 8,
         remeasure_every: int | None = 4,
-        min_rounds: int | None = 16,
+        min_rounds: int | None = 32,
     ) -> None:
         self.budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True, high_open=True)
         self.low = check_int("low", low, low=1, high=10**6)
@@ -320,7 +320,7 @@ class AutoSync(SyncSchedule):
 
         Example:
             >>> AutoSync(low=2, high=1000).ceiling(4096), AutoSync().ceiling(None)
-            (256, 1000)
+            (128, 1000)
         """
         if total_steps is None or total_steps <= 0 or self.min_rounds is None:
             return self.high

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run's optimizer steps: H at most steps // --min-rounds, as sync_every='auto'",
     )
     p.add_argument(
-        "--min-rounds", type=int, default=16, help="the fewest rounds over --steps (16; 0: the budget alone)"
+        "--min-rounds", type=int, default=32, help="the fewest rounds over --steps (32; 0: the budget alone)"
     )
     p.add_argument(
         "--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {','.join(STRATEGIES)}"

@@ -409,7 +409,7 @@ def plan(
     every: int | None = None,
     max_every: int = 100_000,
     steps: int | None = None,
-    min_rounds: int | None = 16,
+    min_rounds: int | None = 32,
 ) -> Plan:
     """Plan every strategy and compressor for ``model`` on ``replicas`` replicas behind ``link``.
 

@@ -26,13 +26,13 @@ def test_probe_then_the_chosen_period():
 def test_at_least_min_rounds_over_the_run():
     """Where the run's steps are known, H <= steps // min_rounds, even above the budget; never
     below ``low``; unknown steps or ``min_rounds=None``: the budget alone."""
-    auto = AutoSync(budget=0.05, probe=8, low=2, high=1000)  # min_rounds 16 by default
-    assert auto.ceiling(4096) == 256 and auto.ceiling(None) == 1000 and auto.ceiling(0) == 1000
-    assert auto.ceiling(20) == 2  # 20 // 16 = 1, below low
+    auto = AutoSync(budget=0.05, probe=8, low=2, high=1000)  # min_rounds 32 by default
+    assert auto.ceiling(4096) == 128 and auto.ceiling(None) == 1000 and auto.ceiling(0) == 1000
+    assert auto.ceiling(40) == 2  # 40 // 32 = 1, below low
     budget_h = choose_sync_every(0.015, 0.46, budget=0.05, low=2, high=1000)
-    assert budget_h > 256  # a 10 Mbit/s round on the netns LM: ~600
-    assert auto.decide(8, 0.015, 0.46, total_steps=4096) == 256
-    assert auto.decide(8 + 256, 0.015, 0.46) == budget_h  # steps not known: the budget's H
+    assert budget_h > 128  # a 10 Mbit/s round on the netns LM: ~600
+    assert auto.decide(8, 0.015, 0.46, total_steps=4096) == 128
+    assert auto.decide(8 + 128, 0.015, 0.46) == budget_h  # steps not known: the budget's H
     free = AutoSync(budget=0.05, low=2, high=1000, min_rounds=None)
     assert free.ceiling(4096) == 1000 and free.decide(8, 0.015, 0.46, total_steps=4096) == budget_h
     # a cheap round: the budget's smaller H stands

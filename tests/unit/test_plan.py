@@ -752,20 +752,21 @@ def test_plan_bytes_are_the_counted_bytes_of_the_lm_runs() -> None:
 def test_run_length_caps_h_at_min_rounds() -> None:
     """``steps``: H at most ``steps // min_rounds`` (as ``sync_every="auto"``), marked and above the
     budget; a row whose budget H is smaller is unchanged; ``min_rounds=None``: the budget alone."""
-    kw = {"overhead": "15ms", "strategies": ["diloco", "streaming_diloco"], "compressors": ["none", "int8"]}
+    kw = {"overhead": "15ms", "strategies": ["diloco", "streaming_diloco"], "compressors": ["none", "int4"]}
     free = plan(124672, 2, "10mbit", "15ms", **kw)
-    capped = plan(124672, 2, "10mbit", "15ms", steps=4096, **kw)
-    assert free.row("diloco").every > 256 and not free.row("diloco").capped
+    capped = plan(124672, 2, "10mbit", "15ms", steps=4096, **kw)  # min_rounds 32: H <= 128
+    assert free.row("diloco").every > 128 and not free.row("diloco").capped
     row = capped.row("diloco")
-    assert row.every == 256 and row.capped and not row.within_budget and row.exposed_share > 0.05
-    assert capped.row("streaming_diloco").every == 256
-    # int8's budget H (about 148) is below the ceiling: as without steps
-    assert capped.row("diloco", "int8").every == free.row("diloco", "int8").every < 256
-    assert not capped.row("diloco", "int8").capped
-    assert "(rounds)" in capped.table() and "4096 steps // 16 rounds" in capped.table()
+    assert row.every == 128 and row.capped and not row.within_budget and row.exposed_share > 0.05
+    assert capped.row("streaming_diloco").every == 128
+    # int4's budget H (about 85) is below the ceiling: as without steps
+    assert capped.row("diloco", "int4").every == free.row("diloco", "int4").every < 128
+    assert not capped.row("diloco", "int4").capped
+    assert "(rounds)" in capped.table() and "4096 steps // 32 rounds" in capped.table()
     assert plan(124672, 2, "10mbit", "15ms", steps=4096, min_rounds=None, **kw).row("diloco").every == (
         free.row("diloco").every
     )
+    assert plan(124672, 2, "10mbit", "15ms", steps=4096, min_rounds=16, **kw).row("diloco").every == 256
     # streaming's ceiling never below F (tau + 1)
     assert plan(124672, 2, "10mbit", "15ms", steps=32, **kw).row("streaming_diloco").every == 8
     with pytest.raises(ValueError, match="`min_rounds`"):
