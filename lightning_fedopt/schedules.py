@@ -242,7 +242,9 @@ class AutoSync(SyncSchedule):
     would leave only a handful. On the netns language model at 10 Mbit/s (4096 steps), the budget
     alone chose ``H`` ≈ 600 (7 rounds): the fixed ``H`` of 128 to 512 (8 to 28 rounds) ended lower at the
     same wall-clock time, and one round fewer (``H`` 576 against 512, the same 4096 steps) cost
-    1.5% (docs/planning.md). The ranks agree on the steps (the largest any rank knows).
+    1.5%. In the equal-wall sweeps at 10, 100 and 1000 Mbit/s the fixed ``H`` with the lowest mean
+    loss gave 29 to 33 rounds, whatever the link: hence 32 (docs/planning.md). The ranks agree on
+    the steps (the largest any rank knows).
 
     Args:
         budget: the largest share of the wall time spent in synchronisation, in (0, 1).
