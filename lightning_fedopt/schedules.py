@@ -324,9 +324,9 @@ class AutoSync(SyncSchedule):
             >>> AutoSync(low=2, high=1000).ceiling(4096), AutoSync().ceiling(None)
             (128, 1000)
         """
-        if total_steps is None or total_steps <= 0 or self.min_rounds is None:
-            return self.high
-        return max(self.low, min(self.high, int(total_steps) // self.min_rounds))
+        from lightning_fedopt.plan.cost import rounds_ceiling
+
+        return rounds_ceiling(total_steps, self.min_rounds, self.low, self.high)
 
     def decide(
         self,

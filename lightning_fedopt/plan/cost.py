@@ -66,6 +66,7 @@ __all__ = [
     "parse_seconds",
     "predict",
     "round_seconds",
+    "rounds_ceiling",
     "smallest_every",
 ]
 
@@ -508,6 +509,22 @@ def smallest_every(
     if spec.kind == "ddp":
         return 1 if share(1) <= budget else None
     return _smallest(share, budget, low, high)
+
+
+def rounds_ceiling(steps: int | None, min_rounds: int | None, low: int, high: int) -> int:
+    """The largest ``H`` in ``[low, high]`` that leaves at least ``min_rounds`` rounds in a run of
+    ``steps`` steps: ``max(low, min(high, steps // min_rounds))``; ``high`` when either is None
+    (or ``steps`` is not positive). ``sync_every="auto"`` (:meth:`AutoSync.ceiling
+    <lightning_fedopt.schedules.AutoSync.ceiling>`) and :func:`~lightning_fedopt.plan.plan` both
+    bound ``H`` by it.
+
+    Example:
+        >>> rounds_ceiling(4096, 32, 1, 1000), rounds_ceiling(40, 32, 2, 1000), rounds_ceiling(None, 32, 1, 50)
+        (128, 2, 50)
+    """
+    if steps is None or steps <= 0 or min_rounds is None:
+        return high
+    return max(low, min(high, int(steps) // min_rounds))
 
 
 def choose_sync_every(

@@ -52,6 +52,7 @@ from lightning_fedopt.plan.cost import (
     parse_seconds,
     predict,
     round_seconds,
+    rounds_ceiling,
     smallest_every,
 )
 
@@ -505,7 +506,7 @@ def plan(
     every = check_int("every", every, low=1, allow_none=True)
     steps = check_int("steps", steps, low=1, allow_none=True)
     min_rounds = check_int("min_rounds", min_rounds, low=1, allow_none=True)
-    ceiling = steps // min_rounds if steps is not None and min_rounds is not None else None
+    bounded = steps is not None and min_rounds is not None
     ddp_bytes = wire_bytes(Codec("none"), m.sizes, n, m.dense_bytes)
 
     rows, skipped = [], []
@@ -531,9 +532,10 @@ def plan(
             high = max(low, max_every)
             h = smallest_every(spec, secs, compute, budget, low=low, high=high, ddp_overlap=ddp_overlap)
             within = h is not None
-            capped = s != "ddp" and ceiling is not None and (h is None or h > max(low, ceiling))
+            ceiling = rounds_ceiling(steps, min_rounds, low, high)
+            capped = s != "ddp" and bounded and (h is None or h > ceiling)
             if capped:
-                h = max(low, min(high, ceiling if ceiling is not None else high))
+                h = ceiling
 
             def at(k: int, spec: Spec = spec, nbytes: float = nbytes) -> Prediction:
                 return predict(
